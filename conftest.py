@@ -1,0 +1,3 @@
+"""pytest entry point; the fixtures live in harness/fixtures.py."""
+
+pytest_plugins = ["harness.fixtures"]

@@ -1,0 +1,3 @@
+"""fuse-uring-iotests: a conformance harness for FUSE block exports."""
+
+__version__ = "0.1.0"

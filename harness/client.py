@@ -1,0 +1,74 @@
+"""A one-shot FUSE client: one real syscall, one line of output.
+
+    python -m harness.client [--cpu K] OP PATH ARGS...
+
+Used where the test process itself must not block: a request held by fault
+injection, or I/O pinned to a CPU.  It prints "ok VALUE" or "error ERRNAME"
+and exits 0 either way; only bad usage exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .backend import fallocate
+from .errnos import errno_name
+from .patterns import pattern_bytes
+
+SEEK = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE}
+
+
+def run(op: str, path: str, args: list[int]) -> str:
+    if op == "stat":
+        st = os.stat(path)
+        return f"size={st.st_size} mode={st.st_mode:o}"
+    flags = os.O_RDONLY if op in ("pread", "lseek") else os.O_RDWR
+    fd = os.open(path, flags)
+    try:
+        if op == "pread":
+            offset, length = args
+            data = os.pread(fd, length, offset)
+            return f"{len(data)}"
+        if op == "pwrite":
+            offset, length, *pat = args
+            return f"{os.pwrite(fd, pattern_bytes(pat[0] if pat else 0xAB, length), offset)}"
+        if op == "fsync":
+            os.fsync(fd)
+            return "0"
+        if op == "truncate":
+            os.ftruncate(fd, args[0])
+            return "0"
+        if op == "fallocate":
+            mode, offset, length = args
+            fallocate(fd, mode, offset, length)
+            return "0"
+        if op == "lseek":
+            offset, whence = args
+            return f"{os.lseek(fd, offset, whence)}"
+        raise ValueError(f"unknown op {op}")
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="client")
+    p.add_argument("--cpu", type=int, help="pin to this CPU first")
+    p.add_argument(
+        "op", choices=("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat")
+    )
+    p.add_argument("path")
+    p.add_argument("args", nargs="*", type=lambda s: SEEK.get(s) if s in SEEK else int(s, 0))
+    ns = p.parse_args(argv)
+    if ns.cpu is not None:
+        os.sched_setaffinity(0, {ns.cpu})
+    try:
+        print(f"ok {run(ns.op, ns.path, ns.args)}", flush=True)
+    except OSError as e:
+        print(f"error {errno_name(e.errno or 0)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The reference FUSE block exporter: one image as one regular-file mount.
+
+    python -m harness.exporter --image IMG --mountpoint MP [--writable] ...
+
+Lifecycle: validate everything, open the image, bind the control socket,
+mount, answer FUSE_INIT, start the queue threads, write the pidfile.  On
+SIGTERM/SIGINT, block-export-del, quit, FUSE_DESTROY or an unmount by
+someone else it stops the queues (each closes its own fd), unmounts what it
+mounted and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import faulthandler
+import os
+import select
+import signal
+import stat
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from . import __version__, abi
+from .backend import Backend, ImageBackend, NullBackend, parse_size
+from .faults import FaultError, FaultInjector
+from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount
+from .protocol import (
+    BASE_FLAGS,
+    DEFAULT_MAX_WRITE,
+    ExportConfig,
+    ExportHandler,
+    ProtocolError,
+    parse_classic,
+)
+from .qmp_server import QmpError, QmpServer
+from .transport import DevFuseQueue, Queue
+
+FSTYPE = "fuse.fuse-iotests"
+INIT_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+class ExportError(Exception):
+    """Bad input or a failed start: one line for the user, exit status 1."""
+
+
+@dataclass
+class ExportOptions:
+    mountpoint: str
+    image: str | None = None
+    null_size: int | None = None
+    writable: bool = False
+    growable: bool = False
+    allow_other: str = "auto"  # QEMU's default
+    queues: int = 1
+    io_uring: str = "off"
+    ring_depth: int = 64
+    pidfile: str | None = None
+    qmp: str | None = None
+    export_id: str = "e0"
+    node_name: str = "n0"
+    max_write: int = DEFAULT_MAX_WRITE
+
+
+class Export:
+    def __init__(self, opts: ExportOptions) -> None:
+        self.opts = opts
+        self.mountpoint = os.path.realpath(opts.mountpoint)
+        self.stopping = threading.Event()
+        self.stop_reason = ""
+        self.status = 0
+        self.faults = FaultInjector()
+        self.backend: Backend | None = None
+        self.handler: ExportHandler | None = None
+        self.qmp: QmpServer | None = None
+        self.queues: list[Queue] = []
+        self.threads: list[threading.Thread] = []
+        self.session_fd = -1
+        self.mount_id: int | None = None
+        self.allow_other = False
+        self._stop_wakeup = threading.Event()
+
+    # -- start-up ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring the export up; on failure undo everything and raise."""
+        try:
+            self._validate_options()
+            # The image first, as QSD opens its --blockdev before the export.
+            self.backend = self._open_backend()
+            self._validate_paths()
+            if self.opts.qmp:
+                self.qmp = QmpServer(
+                    self.opts.qmp, self._qmp_commands(), f"fuse-iotests {__version__}"
+                )
+            self._mount()
+            self._negotiate()
+            self._start_queues()
+            if self.qmp:
+                self.qmp.start()
+            if self.opts.pidfile:
+                _write_pidfile(self.opts.pidfile)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _validate_options(self) -> None:
+        o = self.opts
+        if (o.image is None) == (o.null_size is None):
+            raise ExportError("exactly one of --image and --null is required")
+        if o.queues < 1:
+            raise ExportError(f"--queues must be at least 1, not {o.queues}")
+        if o.ring_depth < 1:
+            raise ExportError(f"--ring-depth must be at least 1, not {o.ring_depth}")
+        if o.max_write % 4096 or not 4096 <= o.max_write <= 1 << 20:
+            raise ExportError("--max-write must be a multiple of 4 KiB between 4 KiB and 1 MiB")
+        if o.growable and not o.writable:
+            raise ExportError("--growable requires --writable")
+        if o.io_uring == "on":
+            raise ExportError(
+                "--io-uring on: the FUSE-over-io_uring transport is not implemented yet"
+            )
+
+    def _validate_paths(self) -> None:
+        o = self.opts
+        mp = o.mountpoint
+        # The mount table first: stat() on a FUSE mount asks its server.
+        entry = find_mount(self.mountpoint)
+        if entry is not None and entry.is_fuse:
+            raise ExportError(f"There already is a FUSE export on '{mp}'")
+        try:
+            st = os.stat(mp)
+        except OSError as e:
+            raise ExportError(f"Failed to stat '{mp}': {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"'{mp}' is not a regular file")
+        if o.pidfile:
+            d = os.path.dirname(os.path.abspath(o.pidfile))
+            if not os.path.isdir(d) or not os.access(d, os.W_OK):
+                raise ExportError(f"Cannot write pidfile '{o.pidfile}': no writable directory")
+
+    def _open_backend(self) -> Backend:
+        o = self.opts
+        if o.null_size is not None:
+            return NullBackend(o.null_size)
+        assert o.image is not None
+        try:
+            return ImageBackend(o.image, o.writable)
+        except OSError as e:
+            raise ExportError(f"Could not open '{o.image}': {e.strerror}") from None
+
+    def _mount(self) -> None:
+        o = self.opts
+        self.session_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        base = [
+            f"fd={self.session_fd}",
+            "rootmode=100000",
+            f"user_id={os.getuid()}",
+            f"group_id={os.getgid()}",
+            "default_permissions",
+        ]
+        source = o.image or "null-co"
+        flags = MS_NOSUID | MS_NODEV
+        attempts = {"on": [True], "off": [False], "auto": [True, False]}[o.allow_other]
+        for i, allow_other in enumerate(attempts):
+            data = ",".join(base + (["allow_other"] if allow_other else []))
+            try:
+                mount(source, self.mountpoint, FSTYPE, flags, data)
+            except OSError as e:
+                if i + 1 < len(attempts):
+                    continue  # auto: fall back silently, as QEMU does
+                raise ExportError(f"Failed to mount '{o.mountpoint}': {e.strerror}") from None
+            self.allow_other = allow_other
+            break
+        entry = find_mount(self.mountpoint)
+        self.mount_id = entry.mount_id if entry else None
+
+    def _negotiate(self) -> None:
+        """Answer FUSE_INIT, which always arrives on the session fd."""
+        o = self.opts
+        assert self.backend is not None
+        supported = BASE_FLAGS
+        if o.io_uring != "off":
+            supported |= abi.OVER_IO_URING
+        config = ExportConfig(
+            writable=o.writable,
+            growable=o.growable,
+            allow_other=self.allow_other,
+            max_write=o.max_write,
+            supported_flags=supported,
+        )
+        self.handler = handler = ExportHandler(self.backend, config)
+        handler.on_destroy = lambda: self.request_stop("FUSE_DESTROY")
+        buf = bytearray(8192 + config.payload_size)
+        poller = select.poll()
+        poller.register(self.session_fd, select.POLLIN)
+        if not poller.poll(INIT_TIMEOUT * 1000):
+            raise ExportError(f"No FUSE_INIT from the kernel within {INIT_TIMEOUT:.0f} s")
+        n = os.readv(self.session_fd, (buf,))
+        req = parse_classic(memoryview(buf)[:n])
+        if req.opcode != abi.Op.INIT:
+            raise ExportError(f"Expected FUSE_INIT, got {abi.op_name(req.opcode)}")
+        out = memoryview(bytearray(abi.INIT_OUT.size))
+        try:
+            length = handler.handle(req, out)
+        except ProtocolError as e:
+            raise ExportError(f"FUSE_INIT failed: {e}") from None
+        assert length is not None and length >= 0
+        hdr = abi.OUT_HEADER.pack(16 + length, 0, req.unique)
+        os.writev(self.session_fd, (hdr, out[:length]))
+        neg = handler.negotiation
+        if o.io_uring == "on" and not neg.io_uring:
+            raise ExportError("System doesn't support FUSE-over-io_uring")
+        if o.io_uring == "auto" and not neg.io_uring:
+            print(
+                "warning: FUSE-over-io_uring not offered by the kernel; using /dev/fuse",
+                file=sys.stderr,
+            )
+
+    def _start_queues(self) -> None:
+        assert self.handler is not None
+        for i in range(self.opts.queues):
+            fd = self.session_fd if i == 0 else _clone_fd(self.session_fd)
+            q = DevFuseQueue(i, fd, self.handler, self.faults, self.stopping, self._connection_gone)
+            self.queues.append(q)
+        # From here on queue 0 owns the session fd and closes it.
+        self.session_fd = -1
+        for q in self.queues:
+            t = threading.Thread(target=self._serve, args=(q,), name=f"queue{q.index}", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, q: Queue) -> None:
+        try:
+            q.serve()
+        except BaseException as e:
+            self.request_stop(f"queue {q.index}: {e}", status=1)
+            raise
+
+    # -- running ----------------------------------------------------------
+
+    def request_stop(self, reason: str, status: int = 0) -> None:
+        if not self.stopping.is_set():
+            self.stop_reason = reason
+            self.status = status
+            self.stopping.set()
+        self._stop_wakeup.set()
+
+    def _connection_gone(self) -> None:
+        self.request_stop("unmounted")
+
+    def wait(self) -> None:
+        self._stop_wakeup.wait()
+
+    def run(self) -> int:
+        self.wait()
+        self._teardown()
+        return self.status
+
+    # -- teardown ---------------------------------------------------------
+
+    def _teardown(self) -> None:
+        self.stopping.set()
+        self.faults.shutdown()
+        for q in self.queues:
+            q.wake()
+        for t in self.threads:
+            t.join(STOP_TIMEOUT)
+            if t.is_alive():
+                print(f"error: {t.name} did not stop within {STOP_TIMEOUT:.0f} s", file=sys.stderr)
+                faulthandler.dump_traceback(sys.stderr)
+                self.status = 1
+        for q in self.queues:
+            q.close_wake_fd()
+        if self.session_fd >= 0:
+            os.close(self.session_fd)
+            self.session_fd = -1
+        self._unmount()
+        if self.backend is not None:
+            self.backend.close()
+        if self.qmp is not None:
+            self.qmp.emit("BLOCK_EXPORT_DELETED", {"id": self.opts.export_id})
+            self.qmp.stop()
+        if self.opts.pidfile and self.mount_id is not None:
+            try:
+                os.unlink(self.opts.pidfile)
+            except FileNotFoundError:
+                pass
+
+    def _unmount(self) -> None:
+        """Unmount our own mount only, lazily: a client may still hold it open."""
+        if self.mount_id is None:
+            return
+        entry = find_mount(self.mountpoint)
+        if entry is None or entry.mount_id != self.mount_id:
+            return
+        try:
+            umount(self.mountpoint, lazy=True)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                print(
+                    f"error: failed to unmount '{self.mountpoint}': {e.strerror}", file=sys.stderr
+                )
+                self.status = 1
+
+    # -- control socket ---------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        o = self.opts
+        h = self.handler
+        return {
+            "type": "fuse",
+            "id": o.export_id,
+            "node-name": o.node_name,
+            "shutting-down": self.stopping.is_set(),
+            "mountpoint": self.mountpoint,
+            "writable": o.writable,
+            "growable": o.growable,
+            "allow-other": self.allow_other,
+            "transport": "dev-fuse",
+            "negotiation": h.negotiation.as_dict() if h else None,
+            "payload-size": h.config.payload_size if h else None,
+            "size": self.backend.size if self.backend else None,
+            "queues": [q.stats() for q in self.queues],
+            "faults": self.faults.query(),
+        }
+
+    def _qmp_commands(self) -> dict[str, Any]:
+        def query_block_exports(args: dict[str, Any]) -> list[dict[str, Any]]:
+            return [self.info()]
+
+        def block_export_del(args: dict[str, Any]) -> dict[str, Any]:
+            if args.get("id") != self.opts.export_id:
+                raise QmpError(f"Export '{args.get('id')}' is not found")
+            self.request_stop("block-export-del")
+            return {}
+
+        def quit_(args: dict[str, Any]) -> dict[str, Any]:
+            self.request_stop("quit")
+            return {}
+
+        def inject_fault(args: dict[str, Any]) -> dict[str, Any]:
+            try:
+                if args.get("action") == "release":
+                    return {"released": self.faults.release(args.get("id"))}
+                rule = self.faults.add(
+                    args["action"],
+                    args["opcode"],
+                    offset=args.get("offset"),
+                    errno_=args.get("errno"),
+                    delay_ms=args.get("delay-ms"),
+                    count=args.get("count"),
+                )
+            except FaultError as e:
+                raise QmpError(str(e)) from None
+            return rule.as_dict(0)
+
+        return {
+            "query-block-exports": query_block_exports,
+            "block-export-del": block_export_del,
+            "quit": quit_,
+            "x-inject-fault": inject_fault,
+        }
+
+
+def _clone_fd(session_fd: int) -> int:
+    import fcntl
+
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, abi.FUSE_DEV_IOC_CLONE, session_fd.to_bytes(4, "little"))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_pidfile(path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+# -- command line -----------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line and status 1, like every other bad input.
+        self.exit(1, f"{self.prog}: {message}\n")
+
+
+def _positive_size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"Invalid size '{text}'")
+    return size
+
+
+def parse_args(argv: list[str] | None) -> ExportOptions:
+    p = _Parser(prog="export", description="Export one image as a regular-file FUSE mount.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", metavar="IMG", help="raw image file to export")
+    src.add_argument(
+        "--null",
+        metavar="SIZE",
+        type=_positive_size,
+        dest="null_size",
+        help="null-co: reads return zeroes, writes are discarded",
+    )
+    p.add_argument("--mountpoint", metavar="MP", required=True, help="an existing regular file")
+    p.add_argument("--writable", action="store_true")
+    p.add_argument("--growable", action="store_true")
+    p.add_argument("--allow-other", choices=("on", "off", "auto"), default="auto")
+    p.add_argument("--queues", type=int, default=1, metavar="N")
+    p.add_argument("--io-uring", choices=("on", "off", "auto"), default="off")
+    p.add_argument("--ring-depth", type=int, default=64, metavar="N")
+    p.add_argument("--max-write", type=_positive_size, default=DEFAULT_MAX_WRITE, metavar="SIZE")
+    p.add_argument("--pidfile", metavar="F")
+    p.add_argument("--qmp", metavar="SOCKET", help="QMP control socket (UNIX) to create")
+    p.add_argument("--id", default="e0", dest="export_id")
+    p.add_argument("--version", action="version", version=f"fuse-iotests exporter {__version__}")
+    ns = p.parse_args(argv)
+    return ExportOptions(**vars(ns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    export = Export(opts)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _f: export.request_stop(signal.Signals(signum).name))
+    try:
+        export.start()
+    except ExportError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"export: {e.strerror}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    status = export.run()
+    # Stopped already: a late SIGTERM must not turn exit status 0 into -15.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

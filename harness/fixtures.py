@@ -1,0 +1,155 @@
+"""pytest fixtures for exporter tests (loaded by conftest.py).
+
+`transport` parametrizes a test over the FUSE transports, so ids carry
+`legacy` or `uring` and `pytest -k uring` selects the io_uring runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .errnos import errno_name
+from .lifecycle import REPO, TRACKER, ExportArgs, ExporterProcess
+from .patterns import offset_pattern
+
+TRANSPORTS = ("legacy",)
+IO_URING_MODE = {"legacy": "off", "uring": "on"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "transport" in metafunc.fixturenames:
+        params = [pytest.param(t, marks=getattr(pytest.mark, t), id=t) for t in TRANSPORTS]
+        metafunc.parametrize("transport", params)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Fail the run if a test left a FUSE mount or a /dev/fuse holder behind."""
+    if os.geteuid() != 0:
+        pytest.exit("these tests need root: they mount FUSE file systems", returncode=1)
+    yield
+    found = TRACKER.leftovers()
+    TRACKER.cleanup_all()
+    if found:
+        pytest.fail("left behind by the tests: " + "; ".join(found), pytrace=False)
+
+
+class Exports:
+    """Makes images and starts exporters in one test's directory."""
+
+    def __init__(self, tmp_path: Path, transport: str) -> None:
+        self.dir = tmp_path
+        self.transport = transport
+        self.started: list[ExporterProcess] = []
+
+    def image(self, size: int = 1 << 20, name: str = "disk.img", fill: bool = True) -> Path:
+        """A raw image whose bytes encode their own offsets (or a sparse one)."""
+        path = self.dir / name
+        with open(path, "wb") as f:
+            if fill:
+                f.write(offset_pattern(0, size))
+            f.truncate(size)
+        return path
+
+    def mountpoint(self, name: str = "disk.fuse") -> Path:
+        mp = self.dir / name
+        mp.touch()
+        return mp
+
+    def start(
+        self,
+        image: Path | None = None,
+        mountpoint: Path | None = None,
+        kind: type[ExporterProcess] = ExporterProcess,
+        **kw: Any,
+    ) -> ExporterProcess:
+        """Start an exporter (or kind=QsdProcess) and wait until it is live."""
+        kw.setdefault("io_uring", IO_URING_MODE[self.transport])
+        if image is None and "null_size" not in kw:
+            image = self.image()
+        args = ExportArgs(image=str(image) if image else None, **kw)
+        work = self.dir / f"export{len(self.started)}"
+        work.mkdir()
+        exp = kind(work, mountpoint or self.mountpoint(), args)
+        self.started.append(exp)
+        return exp.start()
+
+    def cleanup(self) -> None:
+        for exp in self.started:
+            exp.cleanup()
+
+
+@pytest.fixture
+def exports(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Exports]:
+    transport = (
+        request.getfixturevalue("transport") if "transport" in request.fixturenames else "legacy"
+    )
+    ex = Exports(tmp_path, transport)
+    try:
+        yield ex
+    finally:
+        ex.cleanup()
+
+
+class Client:
+    """Background one-shot clients (python -m harness.client)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def spawn(
+        self, op: str, path: Path, *args: int | str, cpu: int | None = None
+    ) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "harness.client"]
+        if cpu is not None:
+            argv += ["--cpu", str(cpu)]
+        argv += [op, str(path), *map(str, args)]
+        p = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        self.procs.append(p)
+        return p
+
+    @staticmethod
+    def result(p: subprocess.Popen[str], timeout: float = 10.0) -> str:
+        out, _ = p.communicate(timeout=timeout)
+        return out.strip()
+
+    def run(self, op: str, path: Path, *args: int | str, cpu: int | None = None) -> str:
+        return self.result(self.spawn(op, path, *args, cpu=cpu))
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.fixture
+def client() -> Iterator[Client]:
+    c = Client()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+def errno_of(fn: Callable[[], Any]) -> str:
+    """Call fn; return 'ok' or the errno name it raised."""
+    try:
+        fn()
+    except OSError as e:
+        return errno_name(e.errno or 0)
+    return "ok"

@@ -1,0 +1,341 @@
+"""Running an exporter process from the harness, and cleaning up after it.
+
+Every exporter started here is registered in TRACKER.  Cleanup stops the
+process (SIGTERM, then SIGKILL) and removes its mount if it is still there,
+but only a mount whose id we saw appear: we never unmount or kill anything
+we did not create.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .mount import find_mount, umount
+from .waiting import WaitTimeout, kernel_stacks, wait_until
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ExportArgs:
+    """The exporter's command line, as data."""
+
+    image: str | None = None
+    null_size: str | None = None
+    writable: bool = True
+    growable: bool = False
+    allow_other: str = "off"
+    queues: int = 1
+    io_uring: str = "off"
+    ring_depth: int | None = None
+    max_write: str | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        a: list[str] = []
+        if self.image is not None:
+            a += ["--image", self.image]
+        if self.null_size is not None:
+            a += ["--null", self.null_size]
+        if self.writable:
+            a.append("--writable")
+        if self.growable:
+            a.append("--growable")
+        a += ["--allow-other", self.allow_other, "--queues", str(self.queues)]
+        a += ["--io-uring", self.io_uring]
+        if self.ring_depth is not None:
+            a += ["--ring-depth", str(self.ring_depth)]
+        if self.max_write is not None:
+            a += ["--max-write", self.max_write]
+        return a + self.extra
+
+
+class ExporterProcess:
+    def __init__(self, workdir: Path, mountpoint: Path, args: ExportArgs) -> None:
+        self.workdir = workdir
+        self.mountpoint = mountpoint
+        self.args = args
+        self.pidfile = workdir / "export.pid"
+        self.qmp_path = workdir / "qmp.sock"
+        self.stderr_path = workdir / "export.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.mount_id: int | None = None
+        self._qmp: Any = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "harness.exporter",
+            *self.args.argv(),
+            "--mountpoint",
+            str(self.mountpoint),
+            "--pidfile",
+            str(self.pidfile),
+            "--qmp",
+            str(self.qmp_path),
+        ]
+
+    # -- starting ---------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the process; do not wait for it."""
+        TRACKER.add(self)
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+
+    def start(self) -> ExporterProcess:
+        """Start and wait until the pidfile says the export is live."""
+        self.spawn()
+        wait_until(
+            lambda: self.pidfile.exists() or self.returncode() is not None,
+            START_TIMEOUT,
+            "the exporter's pidfile",
+            self.report,
+        )
+        if self.returncode() is not None:
+            raise RuntimeError(f"exporter exited with {self.returncode()}:\n{self.stderr()}")
+        entry = find_mount(str(self.mountpoint))
+        if entry is None or not entry.is_fuse:
+            raise RuntimeError(f"pidfile written but no FUSE mount on {self.mountpoint}")
+        self.mount_id = entry.mount_id
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def report(self) -> str:
+        """What a timed-out wait shows: stderr tail and kernel stacks."""
+        tail = "\n".join(self.stderr().splitlines()[-20:])
+        out = f"exporter stderr (tail):\n{tail}"
+        if self.proc is not None and self.returncode() is None:
+            out += f"\nkernel stacks of exporter {self.pid}:\n{kernel_stacks(self.pid)}"
+        return out
+
+    # -- control socket ---------------------------------------------------
+
+    def qmp(self) -> Any:
+        if self._qmp is None:
+            from qemu.qmp.legacy import QEMUMonitorProtocol
+
+            q = QEMUMonitorProtocol(str(self.qmp_path))
+            q.connect()
+            self._qmp = q
+        return self._qmp
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        return self.qmp().cmd(name, **args)
+
+    def query(self) -> dict[str, Any]:
+        exports: list[dict[str, Any]] = self.cmd("query-block-exports")
+        return exports[0]
+
+    def inject(self, action: str, **args: Any) -> dict[str, Any]:
+        args = {k.replace("_", "-"): v for k, v in args.items()}
+        return dict(self.cmd("x-inject-fault", action=action, **args))
+
+    def release(self, rule_id: str | None = None) -> int:
+        args = {"id": rule_id} if rule_id else {}
+        return int(self.cmd("x-inject-fault", action="release", **args)["released"])
+
+    def wait_held(self, rule_id: str, count: int = 1, timeout: float = 10.0) -> None:
+        def held() -> bool:
+            rules = {r["id"]: r for r in self.query()["faults"]}
+            return rules.get(rule_id, {}).get("held", 0) >= count
+
+        wait_until(held, timeout, f"{count} request(s) held by {rule_id}", self.report)
+
+    def close_qmp(self) -> None:
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception:
+                pass
+            self._qmp = None
+
+    # -- stopping ---------------------------------------------------------
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
+        code = wait_until(
+            lambda: (self.returncode(),) if self.returncode() is not None else None,
+            timeout,
+            f"exporter {self.pid} to exit",
+            self.report,
+        )[0]
+        self.close_qmp()
+        return int(code)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait for the exit status."""
+        if self.returncode() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def is_mounted(self) -> bool:
+        entry = find_mount(str(self.mountpoint))
+        return entry is not None and entry.mount_id == self.mount_id
+
+    def wait_unmounted(self, timeout: float = STOP_TIMEOUT) -> None:
+        wait_until(
+            lambda: not self.is_mounted(),
+            timeout,
+            f"{self.mountpoint} to be unmounted",
+            self.report,
+        )
+
+    def cleanup(self) -> list[str]:
+        """Remove whatever is left; return what had to be removed."""
+        removed = []
+        self.close_qmp()
+        if self.proc is not None and self.returncode() is None:
+            removed.append(f"exporter pid {self.pid}")
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.mount_id is not None and self.is_mounted():
+            removed.append(f"mount {self.mountpoint}")
+            try:
+                umount(str(self.mountpoint))
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                umount(str(self.mountpoint), lazy=True)
+        TRACKER.discard(self)
+        return removed
+
+
+class QsdProcess(ExporterProcess):
+    """qemu-storage-daemon's FUSE export, the behavioural model (classic only)."""
+
+    def command(self) -> list[str]:
+        a = self.args
+        if a.io_uring != "off":
+            raise ValueError("qemu-storage-daemon 7.2 has no FUSE-over-io_uring")
+        if a.null_size is not None:
+            blockdev = f"null-co,node-name=n0,size={a.null_size},read-zeroes=on"
+        else:
+            blockdev = f"file,node-name=n0,filename={a.image}"
+        export = (
+            f"fuse,id=e0,node-name=n0,mountpoint={self.mountpoint},"
+            f"writable={'on' if a.writable else 'off'},growable={'on' if a.growable else 'off'},"
+            f"allow-other={a.allow_other}"
+        )
+        return [
+            "qemu-storage-daemon",
+            "--blockdev", blockdev,
+            "--export", export,
+            "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+            "--monitor", "chardev=qmp0",
+            "--pidfile", str(self.pidfile),
+        ]  # fmt: skip
+
+
+class Tracker:
+    """Every exporter this process started, for cleanup on any exit path."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: list[ExporterProcess] = []
+        self.created_mountpoints: list[str] = []
+        self.created_pids: list[int] = []
+
+    def add(self, e: ExporterProcess) -> None:
+        with self._lock:
+            self._live.append(e)
+            self.created_mountpoints.append(str(e.mountpoint))
+
+    def discard(self, e: ExporterProcess) -> None:
+        with self._lock:
+            if e in self._live:
+                self._live.remove(e)
+
+    def cleanup_all(self) -> list[str]:
+        with self._lock:
+            live = list(self._live)
+        removed = []
+        for e in live:
+            removed += e.cleanup()
+        return removed
+
+    def leftovers(self) -> list[str]:
+        """FUSE mounts on our mountpoints, and our children holding /dev/fuse."""
+        found = []
+        for mp in self.created_mountpoints:
+            entry = find_mount(mp)
+            if entry is not None and entry.is_fuse:
+                found.append(f"FUSE mount on {mp}")
+        for pid in _dev_fuse_holders():
+            if _is_descendant(pid, os.getpid()):
+                found.append(f"pid {pid} holds /dev/fuse")
+        return found
+
+
+def _dev_fuse_holders() -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                    pids.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return pids
+
+
+def _is_descendant(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+TRACKER = Tracker()
+atexit.register(TRACKER.cleanup_all)
+
+__all__ = ["TRACKER", "ExportArgs", "ExporterProcess", "QsdProcess", "WaitTimeout"]

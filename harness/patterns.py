@@ -1,0 +1,15 @@
+"""Data patterns, as qemu-io's -P: every byte is the pattern value."""
+
+from __future__ import annotations
+
+
+def pattern_bytes(pattern: int, length: int) -> bytes:
+    return bytes([pattern & 0xFF]) * length
+
+
+def offset_pattern(offset: int, length: int) -> bytes:
+    """Bytes that encode their own position, so misplaced data is caught."""
+    start, end = offset // 8, (offset + length + 7) // 8
+    blob = b"".join(i.to_bytes(8, "little") for i in range(start, end))
+    skip = offset - start * 8
+    return blob[skip : skip + length]

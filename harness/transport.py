@@ -1,0 +1,234 @@
+"""Queues: the threads that move requests between the kernel and the handler.
+
+Queue holds everything transport-independent (counters, fault injection,
+deferred completions, the wake-up eventfd).  A transport subclass only reads
+requests, calls dispatch(), and writes replies:
+
+  DevFuseQueue   classic /dev/fuse: read() a request, writev() the reply
+  RingQueue      FUSE-over-io_uring (uring_transport.py)
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import select
+import threading
+from typing import TYPE_CHECKING, Any, Final
+
+from . import abi
+from .abi import Op
+from .faults import Deferred, FaultInjector
+from .protocol import ExportHandler, Reply, Request, parse_classic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class _Deferred:
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+# dispatch() result: the request was parked by fault injection.
+DEFERRED: Final = _Deferred()
+
+
+class ConnectionGone(Exception):
+    """The kernel ended the connection (unmount or abort)."""
+
+
+class Queue:
+    """One serving thread with its counters and its wake-up eventfd."""
+
+    kind = "base"
+    # Whether a parked request must be copied out of the transport's buffers.
+    copy_parked = True
+
+    def __init__(
+        self,
+        index: int,
+        handler: ExportHandler,
+        faults: FaultInjector,
+        stopping: threading.Event,
+    ) -> None:
+        self.index = index
+        self.handler = handler
+        self.faults = faults
+        self.stopping = stopping
+        self.requests = 0
+        self.per_op = [0] * 64
+        self.stalled = False
+        self._ready: collections.deque[Deferred] = collections.deque()
+        self._wake_lock = threading.Lock()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    # -- cross-thread -----------------------------------------------------
+
+    def post(self, d: Deferred) -> None:
+        """Hand a released request back to this queue's thread."""
+        self._ready.append(d)
+        self.wake()
+
+    def wake(self) -> None:
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                os.eventfd_write(self.wake_fd, 1)
+
+    def close_wake_fd(self) -> None:
+        """Called by the owner after the thread has been joined."""
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                os.close(self.wake_fd)
+                self.wake_fd = -1
+
+    # -- queue thread -----------------------------------------------------
+
+    def serve(self) -> None:
+        raise NotImplementedError
+
+    def reply(self, unique: int, result: int, token: Any) -> None:
+        raise NotImplementedError
+
+    def out_buffer(self, token: Any) -> memoryview:
+        raise NotImplementedError
+
+    def count(self, opcode: int) -> None:
+        self.requests += 1
+        if opcode < 64:
+            self.per_op[opcode] += 1
+
+    def dispatch(self, req: Request, out: memoryview, token: Any = None) -> Reply | _Deferred:
+        """Run one request through fault injection and the handler."""
+        self.count(req.opcode)
+        if self.faults.rules:
+            rule = self.faults.match(req)
+            if rule is not None:
+                if rule.action == "fail":
+                    return -rule.errno
+                if rule.action == "stall":
+                    self.stalled = True
+                    self.faults.stall(rule)
+                    self.stalled = False
+                    return self.handler.handle(req, out)
+                parked = req.detached() if self.copy_parked else req
+                self.faults.park(Deferred(self, parked, token, rule))
+                return DEFERRED
+        if req.opcode == Op.INTERRUPT and self.faults.parked:
+            self.faults.interrupt(abi.INTERRUPT_IN.unpack_from(req.arg)[0])
+        return self.handler.handle(req, out)
+
+    def run_ready(self) -> None:
+        """Finish requests released by fault injection."""
+        while self._ready:
+            d = self._ready.popleft()
+            out = self.out_buffer(d.token)
+            result = d.result if d.result is not None else self.handler.handle(d.req, out)
+            if result is not None:
+                self.reply(d.req.unique, result, d.token)
+
+    def drain_wake_fd(self) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "transport": self.kind,
+            "requests": self.requests,
+            "stalled": self.stalled,
+            "opcodes": {abi.op_name(op): n for op, n in enumerate(self.per_op) if n},
+        }
+
+
+class DevFuseQueue(Queue):
+    """Classic transport: one /dev/fuse fd (the session's, or a clone)."""
+
+    kind = "dev-fuse"
+
+    def __init__(
+        self,
+        index: int,
+        fd: int,
+        handler: ExportHandler,
+        faults: FaultInjector,
+        stopping: threading.Event,
+        on_gone: Callable[[], None],
+    ) -> None:
+        super().__init__(index, handler, faults, stopping)
+        self.fd = fd
+        self.on_gone = on_gone
+        payload = handler.config.payload_size
+        # The kernel refuses reads into a buffer that cannot hold a maximal
+        # WRITE: in_header + write_in + max_write.
+        self._buf = bytearray(abi.IN_HEADER.size + abi.WRITE_IN.size + payload)
+        self._view = memoryview(self._buf)
+        self._out = memoryview(bytearray(payload))
+        self._hdr = bytearray(abi.OUT_HEADER.size)
+        os.set_blocking(fd, False)
+
+    def out_buffer(self, token: Any) -> memoryview:
+        return self._out
+
+    def serve(self) -> None:
+        try:
+            self._loop()
+        except ConnectionGone:
+            self.on_gone()
+        finally:
+            # This thread owns the fd: nobody else closes it or uses it.
+            os.close(self.fd)
+            self.fd = -1
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self.wake_fd, select.POLLIN)
+        while not self.stopping.is_set():
+            for fd, events in poller.poll():
+                if fd == self.wake_fd:
+                    self.drain_wake_fd()
+                    self.run_ready()
+                elif events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    raise ConnectionGone
+                else:
+                    self._read_all()
+
+    def _read_all(self) -> None:
+        view, out = self._view, self._out
+        while not self.stopping.is_set():
+            try:
+                n = os.readv(self.fd, (self._buf,))
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # interrupted before we read it
+                    continue
+                if e.errno == errno.ENODEV:
+                    raise ConnectionGone from None
+                raise
+            req = parse_classic(view[:n])
+            result = self.dispatch(req, out)
+            if result is not None and result is not DEFERRED:
+                self.reply(req.unique, result, None)  # type: ignore[arg-type]
+
+    def reply(self, unique: int, result: int, token: Any) -> None:
+        hdr = self._hdr
+        try:
+            if result < 0:
+                abi.OUT_HEADER.pack_into(hdr, 0, 16, result, unique)
+                os.write(self.fd, hdr)
+            else:
+                abi.OUT_HEADER.pack_into(hdr, 0, 16 + result, 0, unique)
+                os.writev(self.fd, (hdr, self._out[:result]))
+        except OSError as e:
+            # ENOENT: the request was interrupted or aborted meanwhile.
+            if e.errno == errno.ENODEV:
+                raise ConnectionGone from None
+            if e.errno != errno.ENOENT:
+                raise
