@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 from . import __version__, abi
 from .backend import Backend, ImageBackend, NullBackend, parse_size
 from .faults import FaultError, FaultInjector
+from .layout import possible_cpus, ring_queues_of
 from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount
 from .protocol import (
     BASE_FLAGS,
@@ -36,7 +37,8 @@ from .protocol import (
     parse_classic,
 )
 from .qmp_server import QmpError, QmpServer
-from .transport import DevFuseQueue, Queue
+from .transport import ConnectionGone, DevFuseQueue, Queue
+from .uring_transport import RingHalted, RingQueue
 
 FSTYPE = "fuse.fuse-iotests"
 INIT_TIMEOUT = 10.0
@@ -81,6 +83,7 @@ class Export:
         self.session_fd = -1
         self.mount_id: int | None = None
         self.allow_other = False
+        self.ring_queues = 0
         self._stop_wakeup = threading.Event()
 
     # -- start-up ---------------------------------------------------------
@@ -119,10 +122,6 @@ class Export:
             raise ExportError("--max-write must be a multiple of 4 KiB between 4 KiB and 1 MiB")
         if o.growable and not o.writable:
             raise ExportError("--growable requires --writable")
-        if o.io_uring == "on":
-            raise ExportError(
-                "--io-uring on: the FUSE-over-io_uring transport is not implemented yet"
-            )
 
     def _validate_paths(self) -> None:
         o = self.opts
@@ -221,13 +220,26 @@ class Export:
             )
 
     def _start_queues(self) -> None:
-        assert self.handler is not None
-        for i in range(self.opts.queues):
+        handler = self.handler
+        assert handler is not None
+        o = self.opts
+        uring = handler.negotiation.io_uring
+        if uring:
+            self.ring_queues = possible_cpus()
+        for i in range(o.queues):
             fd = self.session_fd if i == 0 else _clone_fd(self.session_fd)
-            q = DevFuseQueue(i, fd, self.handler, self.faults, self.stopping, self._connection_gone)
+            q: Queue
+            if uring:
+                qids = ring_queues_of(i, o.queues, self.ring_queues)
+                q = RingQueue(
+                    i, fd, qids, o.ring_depth, handler, self.faults, self.stopping, poll_dev=i == 0
+                )
+            else:
+                q = DevFuseQueue(i, fd, handler, self.faults, self.stopping)
             self.queues.append(q)
         # From here on queue 0 owns the session fd and closes it.
         self.session_fd = -1
+        # Only now, with the INIT reply written, may rings REGISTER.
         for q in self.queues:
             t = threading.Thread(target=self._serve, args=(q,), name=f"queue{q.index}", daemon=True)
             self.threads.append(t)
@@ -236,6 +248,11 @@ class Export:
     def _serve(self, q: Queue) -> None:
         try:
             q.serve()
+        except ConnectionGone:
+            self.request_stop("unmounted")
+        except RingHalted as e:
+            print(f"export: queue {q.index}: {e}", file=sys.stderr)
+            self.request_stop(str(e), status=1)
         except BaseException as e:
             self.request_stop(f"queue {q.index}: {e}", status=1)
             raise
@@ -248,9 +265,6 @@ class Export:
             self.status = status
             self.stopping.set()
         self._stop_wakeup.set()
-
-    def _connection_gone(self) -> None:
-        self.request_stop("unmounted")
 
     def wait(self) -> None:
         self._stop_wakeup.wait()
@@ -320,12 +334,31 @@ class Export:
             "writable": o.writable,
             "growable": o.growable,
             "allow-other": self.allow_other,
-            "transport": "dev-fuse",
+            "transport": "io-uring" if self.ring_queues else "dev-fuse",
             "negotiation": h.negotiation.as_dict() if h else None,
             "payload-size": h.config.payload_size if h else None,
             "size": self.backend.size if self.backend else None,
             "queues": [q.stats() for q in self.queues],
             "faults": self.faults.query(),
+            **self._ring_info(),
+        }
+
+    def _ring_info(self) -> dict[str, Any]:
+        rings = [q for q in self.queues if isinstance(q, RingQueue)]
+        if not rings:
+            return {}
+        layout = sorted(
+            ({"qid": qid, "depth": q.depth, "queue": q.index} for q in rings for qid in q.qids),
+            key=lambda r: r["qid"],
+        )
+        dev_ops: dict[str, int] = {}
+        for q in rings:
+            for name, n in q.dev_per_op.items():
+                dev_ops[name] = dev_ops.get(name, 0) + n
+        return {
+            "possible-cpus": self.ring_queues,
+            "ring-layout": layout,
+            "dev-requests-after-init": {"total": sum(dev_ops.values()), "opcodes": dev_ops},
         }
 
     def _qmp_commands(self) -> dict[str, Any]:

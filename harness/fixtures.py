@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from .errnos import errno_name
+from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
 from .lifecycle import REPO, TRACKER, ExportArgs, ExporterProcess
 from .patterns import offset_pattern
 
-TRANSPORTS = ("legacy",)
+TRANSPORTS = ("legacy", "uring")
 IO_URING_MODE = {"legacy": "off", "uring": "on"}
 
 
@@ -87,10 +88,28 @@ class Exports:
 
 
 @pytest.fixture
+def uring_kernel() -> Iterator[None]:
+    """FUSE-over-io_uring usable for the whole test, or the test is not run.
+
+    enable_uring is set to Y when needed; the shared kernel lock keeps tests
+    that flip it (holding the exclusive side) away meanwhile.
+    """
+    reason = ensure_uring()
+    if reason:
+        pytest.skip(f"not run: {reason}")
+    with kernel_lock(exclusive=False):
+        if read_param(ENABLE_URING) != "Y":
+            pytest.skip("not run: enable_uring was changed by someone else")
+        yield
+
+
+@pytest.fixture
 def exports(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Exports]:
     transport = (
         request.getfixturevalue("transport") if "transport" in request.fixturenames else "legacy"
     )
+    if transport == "uring":
+        request.getfixturevalue("uring_kernel")
     ex = Exports(tmp_path, transport)
     try:
         yield ex

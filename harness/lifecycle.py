@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backend import parse_size
 from .mount import find_mount, umount
 from .waiting import WaitTimeout, kernel_stacks, wait_until
 
@@ -248,7 +249,8 @@ class QsdProcess(ExporterProcess):
         if a.io_uring != "off":
             raise ValueError("qemu-storage-daemon 7.2 has no FUSE-over-io_uring")
         if a.null_size is not None:
-            blockdev = f"null-co,node-name=n0,size={a.null_size},read-zeroes=on"
+            size = parse_size(a.null_size)  # QSD wants plain bytes
+            blockdev = f"null-co,node-name=n0,size={size},read-zeroes=on"
         else:
             blockdev = f"file,node-name=n0,filename={a.image}"
         export = (

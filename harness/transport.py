@@ -15,15 +15,12 @@ import errno
 import os
 import select
 import threading
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from . import abi
 from .abi import Op
 from .faults import Deferred, FaultInjector
 from .protocol import ExportHandler, Reply, Request, parse_classic
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 
 class _Deferred:
@@ -144,6 +141,62 @@ class Queue:
         }
 
 
+class DevFuseChannel:
+    """Reads requests from one /dev/fuse fd and writes replies to it.
+
+    Used by DevFuseQueue for everything, and by a RingQueue for what still
+    arrives on /dev/fuse after FUSE_INIT (FUSE_INTERRUPT, FORGET).
+    """
+
+    def __init__(self, fd: int, payload_size: int) -> None:
+        self.fd = fd
+        # The kernel refuses reads into a buffer that cannot hold a maximal
+        # WRITE: in_header + write_in + max_write.
+        self._buf = bytearray(abi.IN_HEADER.size + abi.WRITE_IN.size + payload_size)
+        self._view = memoryview(self._buf)
+        self.out = memoryview(bytearray(payload_size))
+        self._hdr = bytearray(abi.OUT_HEADER.size)
+        os.set_blocking(fd, False)
+
+    def read(self) -> Request | None:
+        """The next request, or None when there is none (non-blocking)."""
+        while True:
+            try:
+                n = os.readv(self.fd, (self._buf,))
+            except BlockingIOError:
+                return None
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # interrupted before we read it
+                    continue
+                if e.errno == errno.ENODEV:
+                    raise ConnectionGone from None
+                raise
+            return parse_classic(self._view[:n])
+
+    def reply(self, unique: int, result: int) -> None:
+        hdr = self._hdr
+        try:
+            if result < 0:
+                abi.OUT_HEADER.pack_into(hdr, 0, 16, result, unique)
+                os.write(self.fd, hdr)
+            else:
+                abi.OUT_HEADER.pack_into(hdr, 0, 16 + result, 0, unique)
+                os.writev(self.fd, (hdr, self.out[:result]))
+        except OSError as e:
+            # ENOENT: the request was interrupted or aborted meanwhile.
+            if e.errno == errno.ENODEV:
+                raise ConnectionGone from None
+            if e.errno != errno.ENOENT:
+                raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class DevFuseQueue(Queue):
     """Classic transport: one /dev/fuse fd (the session's, or a clone)."""
 
@@ -156,36 +209,26 @@ class DevFuseQueue(Queue):
         handler: ExportHandler,
         faults: FaultInjector,
         stopping: threading.Event,
-        on_gone: Callable[[], None],
     ) -> None:
         super().__init__(index, handler, faults, stopping)
-        self.fd = fd
-        self.on_gone = on_gone
-        payload = handler.config.payload_size
-        # The kernel refuses reads into a buffer that cannot hold a maximal
-        # WRITE: in_header + write_in + max_write.
-        self._buf = bytearray(abi.IN_HEADER.size + abi.WRITE_IN.size + payload)
-        self._view = memoryview(self._buf)
-        self._out = memoryview(bytearray(payload))
-        self._hdr = bytearray(abi.OUT_HEADER.size)
-        os.set_blocking(fd, False)
+        self.channel = DevFuseChannel(fd, handler.config.payload_size)
 
     def out_buffer(self, token: Any) -> memoryview:
-        return self._out
+        return self.channel.out
+
+    def reply(self, unique: int, result: int, token: Any) -> None:
+        self.channel.reply(unique, result)
 
     def serve(self) -> None:
         try:
             self._loop()
-        except ConnectionGone:
-            self.on_gone()
         finally:
             # This thread owns the fd: nobody else closes it or uses it.
-            os.close(self.fd)
-            self.fd = -1
+            self.channel.close()
 
     def _loop(self) -> None:
         poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
+        poller.register(self.channel.fd, select.POLLIN)
         poller.register(self.wake_fd, select.POLLIN)
         while not self.stopping.is_set():
             for fd, events in poller.poll():
@@ -198,37 +241,11 @@ class DevFuseQueue(Queue):
                     self._read_all()
 
     def _read_all(self) -> None:
-        view, out = self._view, self._out
+        channel, out = self.channel, self.channel.out
         while not self.stopping.is_set():
-            try:
-                n = os.readv(self.fd, (self._buf,))
-            except BlockingIOError:
+            req = channel.read()
+            if req is None:
                 return
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOENT:  # interrupted before we read it
-                    continue
-                if e.errno == errno.ENODEV:
-                    raise ConnectionGone from None
-                raise
-            req = parse_classic(view[:n])
             result = self.dispatch(req, out)
             if result is not None and result is not DEFERRED:
-                self.reply(req.unique, result, None)  # type: ignore[arg-type]
-
-    def reply(self, unique: int, result: int, token: Any) -> None:
-        hdr = self._hdr
-        try:
-            if result < 0:
-                abi.OUT_HEADER.pack_into(hdr, 0, 16, result, unique)
-                os.write(self.fd, hdr)
-            else:
-                abi.OUT_HEADER.pack_into(hdr, 0, 16 + result, 0, unique)
-                os.writev(self.fd, (hdr, self._out[:result]))
-        except OSError as e:
-            # ENOENT: the request was interrupted or aborted meanwhile.
-            if e.errno == errno.ENODEV:
-                raise ConnectionGone from None
-            if e.errno != errno.ENOENT:
-                raise
+                channel.reply(req.unique, result)  # type: ignore[arg-type]

@@ -1,0 +1,39 @@
+"""Which queue thread owns which FUSE-over-io_uring ring queue.
+
+The kernel has one ring queue per possible CPU (num_possible_cpus(), read
+from /sys/devices/system/cpu/possible; the seed's get_nprocs() counted
+online CPUs, a bug caught in review) and routes a request to the ring queue
+of the CPU its task runs on.  Ring queue k goes to queue thread k mod N.
+"""
+
+from __future__ import annotations
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]"""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    with open(path) as f:
+        return len(parse_cpu_list(f.read()))
+
+
+def ring_queues_of(queue: int, queues: int, ring_queues: int) -> list[int]:
+    """The ring queues (qids) that queue thread `queue` of `queues` owns."""
+    return list(range(queue, ring_queues, queues))
+
+
+def owner_of(qid: int, queues: int) -> int:
+    return qid % queues
+
+
+def layout_table(ring_queues: int, queues: int) -> list[list[int]]:
+    """For each queue thread, its ring queues; an empty list is an idle queue."""
+    return [ring_queues_of(q, queues, ring_queues) for q in range(queues)]

@@ -1,0 +1,233 @@
+"""FUSE-over-io_uring: a queue thread that serves its ring queues.
+
+Each queue thread owns one io_uring and registers, from its own thread, the
+entries of the ring queues (qids) it owns.  An entry is a 288-byte
+fuse_uring_req_header plus a payload buffer.  A request arrives as the CQE
+of the entry's REGISTER or COMMIT_AND_FETCH; the reply is written into the
+same entry (out header in in_out, all arguments in the payload) and goes
+back with COMMIT_AND_FETCH, which also fetches the next request.
+
+Every wakeup submits all prepared commits in one io_uring_enter and handles
+every available CQE.  FUSE_INTERRUPT and FORGET still come on /dev/fuse, so
+the queue that holds the session fd polls it on the same ring.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import select
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from . import abi
+from .errnos import errno_name
+from .faults import FaultInjector
+from .protocol import ExportHandler, Request
+from .transport import DEFERRED, ConnectionGone, DevFuseChannel, Queue
+from .uring import Ring
+
+_IOVEC2 = struct.Struct("=QQQQ")
+# user_data of the two polls; entries use their index.
+_WAKE = 1 << 62
+_DEV = _WAKE + 1
+REGISTER_RETRIES = 100
+_CMD_NAMES = {
+    abi.FUSE_IO_URING_CMD_REGISTER: "REGISTER",
+    abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH: "COMMIT_AND_FETCH",
+}
+
+
+class RingHalted(Exception):
+    """The ring failed in a way the seed treats as fatal."""
+
+
+@dataclass(eq=False)
+class Entry:
+    index: int
+    qid: int
+    header: memoryview  # 288 bytes
+    payload: memoryview
+    iov_addr: int
+    # The command last sent for it, to resubmit after EINTR/EAGAIN.
+    last_cmd: int = abi.FUSE_IO_URING_CMD_REGISTER
+    commit_id: int = 0
+    retries: int = 0
+
+
+class RingQueue(Queue):
+    kind = "io-uring"
+    copy_parked = False  # a parked request keeps its entry, buffers and all
+
+    def __init__(
+        self,
+        index: int,
+        fd: int,
+        qids: list[int],
+        depth: int,
+        handler: ExportHandler,
+        faults: FaultInjector,
+        stopping: threading.Event,
+        poll_dev: bool,
+    ) -> None:
+        super().__init__(index, handler, faults, stopping)
+        self.fd = fd
+        self.qids = qids
+        self.depth = depth
+        self.poll_dev = poll_dev
+        self.payload_size = handler.config.payload_size
+        self.per_qid = {qid: 0 for qid in qids}
+        self.dev_requests = 0
+        self.dev_per_op: dict[str, int] = {}
+        self.entries: list[Entry] = []
+        self.ring: Ring | None = None
+        self._channel: DevFuseChannel | None = None
+
+    # -- set-up (in the queue thread) -------------------------------------
+
+    def _allocate(self) -> None:
+        n = len(self.qids) * self.depth
+        header = abi.URING_HEADER_SIZE
+        stride = header + self.payload_size
+        stride += -stride % 64
+        self._mem = mmap.mmap(-1, max(1, n * stride))
+        self._iovs = bytearray(max(1, n) * _IOVEC2.size)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
+        iov_base = ctypes.addressof(ctypes.c_char.from_buffer(self._iovs))
+        view = memoryview(self._mem)
+        for i in range(n):
+            off = i * stride
+            _IOVEC2.pack_into(
+                self._iovs, i * 16 * 2, base + off, header, base + off + header, self.payload_size
+            )
+            self.entries.append(
+                Entry(
+                    i,
+                    self.qids[i // self.depth],
+                    view[off : off + header],
+                    view[off + header : off + header + self.payload_size],
+                    iov_base + i * 32,
+                )
+            )
+
+    def _submit_cmd(self, e: Entry, cmd: int) -> None:
+        assert self.ring is not None
+        e.last_cmd = cmd
+        if cmd == abi.FUSE_IO_URING_CMD_REGISTER:
+            self.ring.prep_uring_cmd(
+                self.fd, cmd, e.index, e.iov_addr, 2, abi.URING_CMD_REQ, 0, 0, e.qid
+            )
+        else:
+            self.ring.prep_uring_cmd(
+                self.fd, cmd, e.index, 0, 0, abi.URING_CMD_REQ, 0, e.commit_id, e.qid
+            )
+
+    # -- serving ------------------------------------------------------------
+
+    def serve(self) -> None:
+        try:
+            self._allocate()
+            inflight = len(self.entries) + 2
+            self.ring = Ring(1 << max(2, (inflight - 1).bit_length()))
+            for e in self.entries:
+                self._submit_cmd(e, abi.FUSE_IO_URING_CMD_REGISTER)
+            self.ring.prep_poll_add(self.wake_fd, select.POLLIN, _WAKE)
+            if self.poll_dev:
+                self._channel = DevFuseChannel(self.fd, self.payload_size)
+                self.ring.prep_poll_add(self.fd, select.POLLIN, _DEV)
+            self._loop()
+        finally:
+            # Closing the ring cancels the pending commands (the kernel
+            # completes them with -ENOTCONN, unseen); then our fd goes.
+            if self.ring is not None:
+                self.ring.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def _loop(self) -> None:
+        ring = self.ring
+        assert ring is not None
+        while not self.stopping.is_set():
+            ring.submit_and_wait(1)
+            for user_data, res, _ in ring.completions():
+                if user_data < _WAKE:
+                    self._entry_done(self.entries[user_data], res)
+                elif user_data == _WAKE:
+                    self.drain_wake_fd()
+                    self.run_ready()
+                    ring.prep_poll_add(self.wake_fd, select.POLLIN, _WAKE)
+                else:
+                    self._dev_ready(res)
+                if self.stopping.is_set():
+                    return
+
+    def _entry_done(self, e: Entry, res: int) -> None:
+        if res < 0:
+            err = -res
+            if err == errno.ENOTCONN:
+                raise ConnectionGone
+            if err in (errno.EINTR, errno.EAGAIN) and e.retries < REGISTER_RETRIES:
+                e.retries += 1
+                self._submit_cmd(e, e.last_cmd)
+                return
+            name = (
+                "REGISTER" if e.last_cmd == abi.FUSE_IO_URING_CMD_REGISTER else "COMMIT_AND_FETCH"
+            )
+            raise RingHalted(
+                f"{name} on qid {e.qid} failed: {errno_name(err)} ({os.strerror(err)})"
+            )
+        e.retries = 0
+        hdr = e.header
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(hdr)
+        _, commit_id, payload_sz, _, _ = abi.URING_ENT_IN_OUT.unpack_from(
+            hdr, abi.URING_ENT_IN_OUT_OFFSET
+        )
+        if commit_id == 0:
+            raise RingHalted(f"request on qid {e.qid} has commit_id 0")
+        e.commit_id = commit_id
+        self.per_qid[e.qid] += 1
+        op_in = hdr[abi.URING_OP_IN_OFFSET : abi.URING_ENT_IN_OUT_OFFSET]
+        req = Request(opcode, unique, nodeid, uid, gid, pid, op_in, e.payload[:payload_sz])
+        result = self.dispatch(req, e.payload, e)
+        if result is DEFERRED:
+            return  # the entry stays ours until the request is released
+        if result is None:
+            result = 0  # a ring request always gets a commit
+        self.reply(unique, result, e)  # type: ignore[arg-type]
+
+    def reply(self, unique: int, result: int, token: Any) -> None:
+        e: Entry = token
+        n = max(result, 0)
+        abi.OUT_HEADER.pack_into(e.header, 0, abi.OUT_HEADER.size + n, min(result, 0), unique)
+        abi.URING_ENT_IN_OUT.pack_into(
+            e.header, abi.URING_ENT_IN_OUT_OFFSET, 0, e.commit_id, n, 0, 0
+        )
+        self._submit_cmd(e, abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
+
+    def out_buffer(self, token: Any) -> memoryview:
+        e: Entry = token
+        return e.payload
+
+    def _dev_ready(self, res: int) -> None:
+        """/dev/fuse after INIT: only INTERRUPT and FORGET are expected."""
+        assert self.ring is not None and self._channel is not None
+        if res < 0 or res & (select.POLLERR | select.POLLHUP):
+            raise ConnectionGone
+        channel = self._channel
+        while (req := channel.read()) is not None:
+            self.dev_requests += 1
+            name = abi.op_name(req.opcode)
+            self.dev_per_op[name] = self.dev_per_op.get(name, 0) + 1
+            result = self.dispatch(req, channel.out)
+            if result is not None and result is not DEFERRED:
+                channel.reply(req.unique, result)  # type: ignore[arg-type]
+        self.ring.prep_poll_add(self.fd, select.POLLIN, _DEV)
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        s["ring-queues"] = [{"qid": q, "requests": n} for q, n in self.per_qid.items()]
+        return s

@@ -1,0 +1,140 @@
+"""FUSE-over-io_uring specifics: CQE delivery, routing, negotiation, cycles.
+
+The behaviour tests of the classic transport run again for io_uring through
+the `transport` parameter; this file covers what only io_uring has.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from harness.kernel import ENABLE_URING, enable_uring_set_to, read_param
+from harness.layout import possible_cpus
+from harness.lifecycle import REPO
+from harness.mount import find_mount
+
+pytestmark = pytest.mark.uring
+CPUS = possible_cpus()
+
+
+@pytest.fixture
+def uring(uring_kernel):  # type: ignore[no-untyped-def]
+    """For tests that start io_uring exports without the transport param."""
+
+
+def ring_requests(info: dict) -> dict[int, int]:
+    return {r["qid"]: r["requests"] for q in info["queues"] for r in q.get("ring-queues", [])}
+
+
+def queue_ops(info: dict, op: str) -> list[int]:
+    return [q["opcodes"].get(op, 0) for q in info["queues"]]
+
+
+def test_every_request_after_init_arrives_through_cqes(exports, client, uring):
+    exp = exports.start(io_uring="on", writable=True)
+    mp = exp.mountpoint
+    for args in (("pwrite", mp, 0, 4096), ("pread", mp, 0, 4096), ("fsync", mp)):
+        assert client.run(*args).startswith("ok ")
+    assert client.run("truncate", mp, 1 << 20) == "ok 0"
+    assert client.run("stat", mp).startswith("ok size=1048576")
+    info = exp.query()
+    assert info["transport"] == "io-uring"
+    assert info["dev-requests-after-init"] == {"total": 0, "opcodes": {}}
+    assert sum(ring_requests(info).values()) == sum(q["requests"] for q in info["queues"])
+    assert info["payload-size"] == max(8192, info["negotiation"]["max-write"])
+
+
+@pytest.mark.parametrize("queues", [1, 2, 3])
+def test_pinned_client_is_served_by_its_cpus_ring_queue(exports, client, uring, queues):
+    exp = exports.start(io_uring="on", writable=True, queues=queues)
+    info = exp.query()
+    layout = {r["qid"]: r["queue"] for r in info["ring-layout"]}
+    assert layout == {k: k % queues for k in range(CPUS)}
+    assert all(r["depth"] == 64 for r in info["ring-layout"])
+    for cpu in range(CPUS):
+        before = exp.query()
+        assert client.run("pwrite", exp.mountpoint, cpu * 4096, 4096, cpu=cpu) == "ok 4096"
+        after = exp.query()
+        grew = [q for q, n in ring_requests(after).items() if n > ring_requests(before)[q]]
+        assert cpu in grew
+        delta = zip(queue_ops(after, "WRITE"), queue_ops(before, "WRITE"), strict=True)
+        writes = [a - b for a, b in delta]
+        assert writes == [1 if q == cpu % queues else 0 for q in range(queues)]
+    # With more queues than CPUs, the extra queues own nothing and stay idle.
+    for q in exp.query()["queues"][CPUS:]:
+        assert q["ring-queues"] == [] and q["requests"] == 0
+
+
+@pytest.mark.serial
+def test_kernel_without_uring(exports, tmp_path):
+    if read_param(ENABLE_URING) is None:
+        pytest.skip(f"not run: {ENABLE_URING} missing")
+    image = exports.image()
+    with enable_uring_set_to("N"):
+        mp = exports.mountpoint("on.fuse")
+        res = subprocess.run(
+            [sys.executable, "-m", "harness.exporter", "--image", str(image),
+             "--mountpoint", str(mp), "--io-uring", "on"],
+            cwd=REPO, capture_output=True, text=True, timeout=30,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert res.returncode == 1
+        assert res.stderr == "export: System doesn't support FUSE-over-io_uring\n"
+        assert find_mount(str(mp)) is None
+        exp = exports.start(image, io_uring="auto")
+        assert exp.query()["transport"] == "dev-fuse"
+        assert "OVER_IO_URING" not in exp.query()["negotiation"]["offered-names"]
+        assert "using /dev/fuse" in exp.stderr()
+        with open(exp.mountpoint, "rb") as f:
+            assert len(f.read(4096)) == 4096
+        assert exp.stop() == 0
+    assert read_param(ENABLE_URING) == "Y"
+
+
+def test_auto_uses_uring_when_offered(exports, uring):
+    exp = exports.start(io_uring="auto")
+    assert exp.query()["transport"] == "io-uring"
+    assert exp.stderr() == ""
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+@pytest.mark.parametrize("depth", [1, 2])
+def test_io_deeper_than_the_ring(exports, uring, depth):
+    exp = exports.start(io_uring="on", writable=True, ring_depth=depth)
+    res = subprocess.run(
+        # 32 requests in flight against `depth` ring entries, then verified.
+        ["fio", "--name=deep", f"--filename={exp.mountpoint}", "--rw=randwrite", "--bs=4k",
+         "--direct=1", "--ioengine=libaio", "--iodepth=32", "--size=1M", "--io_size=2M",
+         "--verify=crc32c", "--verify_fatal=1", "--output-format=terse"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert exp.query()["dev-requests-after-init"]["total"] == 0
+    assert exp.stop() == 0
+
+
+def process_resources(pid: int) -> tuple[int, int]:
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    return fds, threads
+
+
+@pytest.mark.slow
+def test_start_stop_cycles(exports, client, transport):
+    seen = set()
+    own_fds = len(os.listdir("/proc/self/fd"))
+    image = exports.image()
+    for i in range(50):
+        exp = exports.start(image, exports.mountpoint(f"c{i}.fuse"), writable=True, queues=2)
+        assert client.run("pwrite", exp.mountpoint, 0, 4096) == "ok 4096"
+        seen.add(process_resources(exp.pid))
+        assert exp.stop() == 0
+        assert not exp.is_mounted()
+    assert len(seen) == 1, f"fds/threads changed between cycles: {sorted(seen)}"
+    assert len(os.listdir("/proc/self/fd")) <= own_fds + 1
