@@ -20,9 +20,14 @@ def parse_cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+def possible_cpu_ids(path: str = "/sys/devices/system/cpu/possible") -> list[int]:
     with open(path) as f:
-        return len(parse_cpu_list(f.read()))
+        return parse_cpu_list(f.read())
+
+
+def possible_cpus() -> int:
+    """How many ring queues the kernel has: one per possible CPU."""
+    return len(possible_cpu_ids())
 
 
 def ring_queues_of(queue: int, queues: int, ring_queues: int) -> list[int]:

@@ -62,6 +62,15 @@ class ExportArgs:
         return a + self.extra
 
 
+def run_exporter(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the exporter to completion (for start-up failures); as `user` if given."""
+    argv = [sys.executable, "-m", "harness.exporter", *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
+
+
 class ExporterProcess:
     def __init__(self, workdir: Path, mountpoint: Path, args: ExportArgs) -> None:
         self.workdir = workdir

@@ -27,6 +27,7 @@ from typing import Any
 from . import abi
 from .errnos import errno_name
 from .faults import FaultInjector
+from .layout import possible_cpu_ids
 from .protocol import ExportHandler, Request
 from .transport import DEFERRED, ConnectionGone, DevFuseChannel, Queue
 from .uring import Ring
@@ -129,6 +130,13 @@ class RingQueue(Queue):
     # -- serving ------------------------------------------------------------
 
     def serve(self) -> None:
+        # Run where the requests come from: the kernel routes a request to
+        # the ring queue of its task's CPU, so a thread on that CPU is woken
+        # without a cross-CPU hop (as libfuse pins its ring threads).
+        ids = possible_cpu_ids()
+        cpus = {ids[q] for q in self.qids} & os.sched_getaffinity(0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         try:
             self._allocate()
             inflight = len(self.entries) + 2

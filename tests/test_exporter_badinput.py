@@ -5,28 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from harness.lifecycle import REPO
+from harness.lifecycle import run_exporter
 from harness.mount import find_mount
-
-
-def run_export(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "harness.exporter", *args]
-    if user:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
-    return subprocess.run(
-        argv,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
 
 
 def fingerprint(path: Path) -> tuple[str, int, int]:
@@ -98,7 +82,7 @@ def test_bad_input(files: dict[str, Path], case: str) -> None:
     subst = {k: str(v) for k, v in files.items()}
     before = fingerprint(files["img"])
     extra = [] if case == "growable-read-only" else ["--writable"]
-    res = run_export(*(a.format(**subst) for a in args), *extra)
+    res = run_exporter(*(a.format(**subst) for a in args), *extra)
     assert_refused(res, message.format(**subst), files, before)
 
 
@@ -117,7 +101,7 @@ def test_unreadable_image(files: dict[str, Path]) -> None:
     files["img"].chmod(0o600)
     os.chmod(files["tmp"], 0o755)
     before = fingerprint(files["img"])
-    res = run_export("--image", str(files["img"]), "--mountpoint", str(files["mp"]), user="65534")
+    res = run_exporter("--image", str(files["img"]), "--mountpoint", str(files["mp"]), user="65534")
     assert_refused(res, f"Could not open '{files['img']}': Permission denied", files, before)
 
 
@@ -125,7 +109,7 @@ def test_mountpoint_already_exported(exports) -> None:  # type: ignore[no-untype
     first = exports.start(writable=True)
     image = exports.image(name="other.img")
     before = fingerprint(image)
-    res = run_export("--image", str(image), "--mountpoint", str(first.mountpoint), "--writable")
+    res = run_exporter("--image", str(image), "--mountpoint", str(first.mountpoint), "--writable")
     assert res.returncode == 1
     assert res.stderr.strip() == f"export: There already is a FUSE export on '{first.mountpoint}'"
     assert find_mount(str(first.mountpoint)).mount_id == first.mount_id  # type: ignore[union-attr]

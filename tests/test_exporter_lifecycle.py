@@ -81,6 +81,17 @@ def test_external_lazy_umount_with_request_in_flight(exports, client, transport)
     assert exp.wait_exit() == 0
 
 
+def test_external_lazy_umount_then_sigterm(exports, client, transport):
+    exp = exports.start(writable=True)
+    proc = held_request(exp, client, "pwrite")
+    subprocess.run(["umount", "-l", str(exp.mountpoint)], check=True)
+    assert not exp.is_mounted()
+    exp.signal(signal.SIGTERM)
+    assert exp.wait_exit() == 0
+    assert client.result(proc) == ABORTED
+    assert find_mount(str(exp.mountpoint)) is None
+
+
 def test_kill9_leaves_a_stale_mount_that_cleanup_removes(exports, client, transport):
     exp = exports.start(writable=True)
     proc = held_request(exp, client, "pread")

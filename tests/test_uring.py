@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from harness.kernel import ENABLE_URING, enable_uring_set_to, read_param
 from harness.layout import possible_cpus
-from harness.lifecycle import REPO
+from harness.lifecycle import run_exporter
 from harness.mount import find_mount
 
 pytestmark = pytest.mark.uring
@@ -77,12 +76,7 @@ def test_kernel_without_uring(exports, tmp_path):
     image = exports.image()
     with enable_uring_set_to("N"):
         mp = exports.mountpoint("on.fuse")
-        res = subprocess.run(
-            [sys.executable, "-m", "harness.exporter", "--image", str(image),
-             "--mountpoint", str(mp), "--io-uring", "on"],
-            cwd=REPO, capture_output=True, text=True, timeout=30,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )  # fmt: skip
+        res = run_exporter("--image", str(image), "--mountpoint", str(mp), "--io-uring", "on")
         assert res.returncode == 1
         assert res.stderr == "export: System doesn't support FUSE-over-io_uring\n"
         assert find_mount(str(mp)) is None
