@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         TRACKER.cleanup_all()
     print(f"fio randrw 70/30 bs=4k libaio direct=1, null-co, {opts.runtime}s per cell, "
           f"queues={opts.queues}")  # fmt: skip
-    header = "".join(f" | qd={d:<2} jobs={j}     " for d, j in CELLS)
+    header = "".join(f" | {f'qd={d} jobs={j}':>18}" for d, j in CELLS)
     print(f"{'exporter':<9}{header}")
-    print(f"{'':<9}" + " |      IOPS  lat(us)" * len(CELLS))
+    print(f"{'':<9}" + f" | {'IOPS':>9} {'lat(us)':>8}" * len(CELLS))
     for name, cells in rows.items():
         print(f"{name:<9}" + "".join(f" | {c}" for c in cells))
     if "io_uring" in rows:

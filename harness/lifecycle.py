@@ -284,7 +284,6 @@ class Tracker:
         self._lock = threading.Lock()
         self._live: list[ExporterProcess] = []
         self.created_mountpoints: list[str] = []
-        self.created_pids: list[int] = []
 
     def add(self, e: ExporterProcess) -> None:
         with self._lock:
