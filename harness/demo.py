@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .kernel import ensure_uring
 from .lifecycle import TRACKER, ExportArgs, ExporterProcess
 from .patterns import pattern_bytes
 
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="demo", description=__doc__)
     p.add_argument("--io-uring", choices=("on", "off", "auto"), default="off")
     opts = p.parse_args(argv)
+    if opts.io_uring != "off" and (reason := ensure_uring()):
+        print(f"demo: io_uring not run: {reason}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="fuse-iotests-demo-") as tmp:
         work = Path(tmp)
         image, mp = work / "disk.img", work / "disk.fuse"

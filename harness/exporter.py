@@ -175,7 +175,11 @@ class Export:
             self.allow_other = allow_other
             break
         entry = find_mount(self.mountpoint)
-        self.mount_id = entry.mount_id if entry else None
+        if entry is None or entry.fstype != FSTYPE:
+            # Without its id we could not tell our mount from another later.
+            umount(self.mountpoint, lazy=True)
+            raise ExportError(f"Mounted '{o.mountpoint}' but cannot find it in the mount table")
+        self.mount_id = entry.mount_id
 
     def _negotiate(self) -> None:
         """Answer FUSE_INIT, which always arrives on the session fd."""
@@ -353,7 +357,7 @@ class Export:
         )
         dev_ops: dict[str, int] = {}
         for q in rings:
-            for name, n in q.dev_per_op.items():
+            for name, n in list(q.dev_per_op.items()):  # queue 0 adds keys
                 dev_ops[name] = dev_ops.get(name, 0) + n
         return {
             "possible-cpus": self.ring_queues,

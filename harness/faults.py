@@ -126,11 +126,12 @@ class FaultInjector:
             freed = [d for d in self._parked.values() if rule_id is None or d.rule.id == rule_id]
             for d in freed:
                 del self._parked[d.req.unique]
+            stalled = sum(r.stalled for r in gone)
         for r in gone:
             r.released.set()
         for d in freed:
             self._complete(d)
-        return len(freed) + sum(r.stalled for r in gone)
+        return len(freed) + stalled
 
     def query(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -168,11 +169,17 @@ class FaultInjector:
 
     def park(self, d: Deferred) -> None:
         with self._lock:
-            self._parked[d.req.unique] = d
-            if d.rule.action == "delay":
-                d.timer = threading.Timer(d.rule.delay_ms / 1000, self._expire, (d.req.unique,))
-                d.timer.daemon = True
-                d.timer.start()
+            live = d.rule in self.rules
+            if live:
+                self._parked[d.req.unique] = d
+                if d.rule.action == "delay":
+                    delay = d.rule.delay_ms / 1000
+                    d.timer = threading.Timer(delay, self._expire, (d.req.unique,))
+                    d.timer.daemon = True
+                    d.timer.start()
+        if not live:
+            # Released between match() and here: nothing holds it any more.
+            self._complete(d)
 
     def interrupt(self, unique: int) -> bool:
         """FUSE_INTERRUPT: a parked request finishes with EINTR."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import parse_size
+from .exporter import FSTYPE as EXPORTER_FSTYPE
 from .mount import find_mount, umount
 from .waiting import WaitTimeout, kernel_stacks, wait_until
 
@@ -178,9 +179,11 @@ class ExporterProcess:
         return int(self.cmd("x-inject-fault", action="release", **args)["released"])
 
     def wait_held(self, rule_id: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until rule_id holds exactly count requests."""
+
         def held() -> bool:
             rules = {r["id"]: r for r in self.query()["faults"]}
-            return rules.get(rule_id, {}).get("held", 0) >= count
+            return rules.get(rule_id, {}).get("held", 0) == count
 
         wait_until(held, timeout, f"{count} request(s) held by {rule_id}", self.report)
 
@@ -237,7 +240,15 @@ class ExporterProcess:
                 self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                try:
+                    self.proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    removed.append(f"UNKILLABLE pid {self.pid}:\n{kernel_stacks(self.pid)}")
+        if self.mount_id is None:
+            # Died before we saw the mount: ours only if it is our fstype.
+            entry = find_mount(str(self.mountpoint))
+            if entry is not None and entry.fstype == EXPORTER_FSTYPE:
+                self.mount_id = entry.mount_id
         if self.mount_id is not None and self.is_mounted():
             removed.append(f"mount {self.mountpoint}")
             try:

@@ -112,8 +112,12 @@ class Queue:
                 parked = req.detached() if self.copy_parked else req
                 self.faults.park(Deferred(self, parked, token, rule))
                 return DEFERRED
-        if req.opcode == Op.INTERRUPT and self.faults.parked:
-            self.faults.interrupt(abi.INTERRUPT_IN.unpack_from(req.arg)[0])
+        if req.opcode == Op.INTERRUPT and self.faults.rules:
+            # Not parked (yet): it may be between a queue's read and its
+            # park(); EAGAIN makes the kernel send the INTERRUPT again.
+            if not self.faults.interrupt(abi.INTERRUPT_IN.unpack_from(req.arg)[0]):
+                return -errno.EAGAIN
+            return None
         return self.handler.handle(req, out)
 
     def run_ready(self) -> None:

@@ -133,11 +133,11 @@ class RingQueue(Queue):
         # Run where the requests come from: the kernel routes a request to
         # the ring queue of its task's CPU, so a thread on that CPU is woken
         # without a cross-CPU hop (as libfuse pins its ring threads).
-        ids = possible_cpu_ids()
-        cpus = {ids[q] for q in self.qids} & os.sched_getaffinity(0)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
         try:
+            ids = possible_cpu_ids()
+            cpus = {ids[q] for q in self.qids} & os.sched_getaffinity(0)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
             self._allocate()
             inflight = len(self.entries) + 2
             self.ring = Ring(1 << max(2, (inflight - 1).bit_length()))

@@ -6,8 +6,10 @@ acting only once the exporter reports it held.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -112,8 +114,14 @@ def test_fail_and_delay_faults(exports, client, transport):
     faults = exp.query()["faults"]
     assert faults == [{**rule, "hits": 1, "remaining": 0}]
     exp.release(rule["id"])
-    rule = exp.inject("delay", opcode="write", delay_ms=50)
-    assert client.run("pwrite", exp.mountpoint, 0, 4096) == "ok 4096"
+    rule = exp.inject("delay", opcode="write", offset=0, delay_ms=200)
+    fd = os.open(exp.mountpoint, os.O_WRONLY)
+    try:
+        start = time.monotonic()
+        assert os.pwrite(fd, b"x" * 4096, 0) == 4096
+        assert time.monotonic() - start >= 0.2
+    finally:
+        os.close(fd)
     assert exp.query()["faults"][0]["hits"] == 1
 
 
