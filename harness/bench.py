@@ -12,6 +12,7 @@ a test: it prints figures and never fails on a slow machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"io_uring not run: {reason}", file=sys.stderr)
         else:
             with kernel_lock(exclusive=False):
-                uring = ExportArgs(**{**vars(base), "io_uring": "on"})
+                uring = dataclasses.replace(base, io_uring="on")
                 rows["io_uring"] = bench_exporter(ExporterProcess, uring, opts.runtime)
         if not opts.no_qsd and shutil.which("qemu-storage-daemon"):
             qsd = ExportArgs(null_size=SIZE, writable=True, allow_other="off")

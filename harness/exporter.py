@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import faulthandler
+import fcntl
 import os
 import select
 import signal
@@ -404,8 +405,6 @@ class Export:
 
 
 def _clone_fd(session_fd: int) -> int:
-    import fcntl
-
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, abi.FUSE_DEV_IOC_CLONE, session_fd.to_bytes(4, "little"))

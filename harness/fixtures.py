@@ -17,7 +17,7 @@ import pytest
 
 from .errnos import errno_name
 from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
-from .lifecycle import REPO, TRACKER, ExportArgs, ExporterProcess
+from .lifecycle import REPO, TRACKER, ExportArgs, ExporterProcess, child_env
 from .patterns import offset_pattern
 
 TRANSPORTS = ("legacy", "uring")
@@ -136,7 +136,7 @@ class Client:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env=child_env(),
         )
         self.procs.append(p)
         return p

@@ -63,13 +63,19 @@ class ExportArgs:
         return a + self.extra
 
 
+def child_env() -> dict[str, str]:
+    """Environment for harness.* child processes run from any directory."""
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
 def run_exporter(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the exporter to completion (for start-up failures); as `user` if given."""
     argv = [sys.executable, "-m", "harness.exporter", *args]
     if user:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
+    return subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=30, env=child_env()
+    )
 
 
 class ExporterProcess:
@@ -110,7 +116,7 @@ class ExporterProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                env=child_env(),
             )
 
     def start(self) -> ExporterProcess:

@@ -40,8 +40,6 @@ class Queue:
     """One serving thread with its counters and its wake-up eventfd."""
 
     kind = "base"
-    # Whether a parked request must be copied out of the transport's buffers.
-    copy_parked = True
 
     def __init__(
         self,
@@ -109,7 +107,9 @@ class Queue:
                     self.faults.stall(rule)
                     self.stalled = False
                     return self.handler.handle(req, out)
-                parked = req.detached() if self.copy_parked else req
+                # Without a token (a ring entry) the buffers are reused by
+                # the next read, so the parked request needs its own copy.
+                parked = req.detached() if token is None else req
                 self.faults.park(Deferred(self, parked, token, rule))
                 return DEFERRED
         if req.opcode == Op.INTERRUPT and self.faults.rules:
@@ -128,6 +128,20 @@ class Queue:
             result = d.result if d.result is not None else self.handler.handle(d.req, out)
             if result is not None:
                 self.reply(d.req.unique, result, d.token)
+
+    def drain_channel(self, channel: DevFuseChannel, tally: dict[str, int] | None = None) -> None:
+        """Serve every request waiting on a /dev/fuse fd; tally them by name."""
+        out = channel.out
+        while not self.stopping.is_set():
+            req = channel.read()
+            if req is None:
+                return
+            if tally is not None:
+                name = abi.op_name(req.opcode)
+                tally[name] = tally.get(name, 0) + 1
+            result = self.dispatch(req, out)
+            if result is not None and result is not DEFERRED:
+                channel.reply(req.unique, result)  # type: ignore[arg-type]
 
     def drain_wake_fd(self) -> None:
         try:
@@ -242,14 +256,4 @@ class DevFuseQueue(Queue):
                 elif events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                     raise ConnectionGone
                 else:
-                    self._read_all()
-
-    def _read_all(self) -> None:
-        channel, out = self.channel, self.channel.out
-        while not self.stopping.is_set():
-            req = channel.read()
-            if req is None:
-                return
-            result = self.dispatch(req, out)
-            if result is not None and result is not DEFERRED:
-                channel.reply(req.unique, result)  # type: ignore[arg-type]
+                    self.drain_channel(self.channel)

@@ -62,7 +62,6 @@ class Entry:
 
 class RingQueue(Queue):
     kind = "io-uring"
-    copy_parked = False  # a parked request keeps its entry, buffers and all
 
     def __init__(
         self,
@@ -82,7 +81,6 @@ class RingQueue(Queue):
         self.poll_dev = poll_dev
         self.payload_size = handler.config.payload_size
         self.per_qid = {qid: 0 for qid in qids}
-        self.dev_requests = 0
         self.dev_per_op: dict[str, int] = {}
         self.entries: list[Entry] = []
         self.ring: Ring | None = None
@@ -182,12 +180,8 @@ class RingQueue(Queue):
                 e.retries += 1
                 self._submit_cmd(e, e.last_cmd)
                 return
-            name = (
-                "REGISTER" if e.last_cmd == abi.FUSE_IO_URING_CMD_REGISTER else "COMMIT_AND_FETCH"
-            )
-            raise RingHalted(
-                f"{name} on qid {e.qid} failed: {errno_name(err)} ({os.strerror(err)})"
-            )
+            name = _CMD_NAMES[e.last_cmd]
+            raise RingHalted(f"{name} on qid {e.qid} failed: {errno_name(err)}: {os.strerror(err)}")
         e.retries = 0
         hdr = e.header
         _, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(hdr)
@@ -208,6 +202,10 @@ class RingQueue(Queue):
         self.reply(unique, result, e)  # type: ignore[arg-type]
 
     def reply(self, unique: int, result: int, token: Any) -> None:
+        if token is None:  # it came on /dev/fuse
+            assert self._channel is not None
+            self._channel.reply(unique, result)
+            return
         e: Entry = token
         n = max(result, 0)
         abi.OUT_HEADER.pack_into(e.header, 0, abi.OUT_HEADER.size + n, min(result, 0), unique)
@@ -217,6 +215,9 @@ class RingQueue(Queue):
         self._submit_cmd(e, abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
 
     def out_buffer(self, token: Any) -> memoryview:
+        if token is None:
+            assert self._channel is not None
+            return self._channel.out
         e: Entry = token
         return e.payload
 
@@ -225,14 +226,7 @@ class RingQueue(Queue):
         assert self.ring is not None and self._channel is not None
         if res < 0 or res & (select.POLLERR | select.POLLHUP):
             raise ConnectionGone
-        channel = self._channel
-        while (req := channel.read()) is not None:
-            self.dev_requests += 1
-            name = abi.op_name(req.opcode)
-            self.dev_per_op[name] = self.dev_per_op.get(name, 0) + 1
-            result = self.dispatch(req, channel.out)
-            if result is not None and result is not DEFERRED:
-                channel.reply(req.unique, result)  # type: ignore[arg-type]
+        self.drain_channel(self._channel, self.dev_per_op)
         self.ring.prep_poll_add(self.fd, select.POLLIN, _DEV)
 
     def stats(self) -> dict[str, Any]:
