@@ -1,3 +1,3 @@
-"""pytest entry point; the fixtures live in harness/fixtures.py."""
-
-pytest_plugins = ["harness.fixtures"]
+# Thin on purpose: fixtures for the harness's own tests, and the case
+# instances in cases/ as pytest items.  The logic lives in harness/.
+pytest_plugins = ["harness.fixtures", "harness.pytest_cases"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 from .backend import fallocate
 from .errnos import errno_name
@@ -68,6 +70,47 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error {errno_name(e.errno or 0)}", flush=True)
     return 0
+
+
+class ClientPool:
+    """Background one-shot clients (python -m harness.client)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def spawn(
+        self, op: str, path: Path, *args: int | str, cpu: int | None = None
+    ) -> subprocess.Popen[str]:
+        from .lifecycle import REPO, child_env  # not needed by the child itself
+
+        argv = [sys.executable, "-m", "harness.client"]
+        if cpu is not None:
+            argv += ["--cpu", str(cpu)]
+        argv += [op, str(path), *map(str, args)]
+        p = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(),
+        )
+        self.procs.append(p)
+        return p
+
+    @staticmethod
+    def result(p: subprocess.Popen[str], timeout: float = 10.0) -> str:
+        out, _ = p.communicate(timeout=timeout)
+        return out.strip()
+
+    def run(self, op: str, path: Path, *args: int | str, cpu: int | None = None) -> str:
+        return self.result(self.spawn(op, path, *args, cpu=cpu))
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class Export:
         self.opts = opts
         self.mountpoint = os.path.realpath(opts.mountpoint)
         self.stopping = threading.Event()
+        self.conn_gone = threading.Event()  # shared by the ring queues
         self.stop_reason = ""
         self.status = 0
         self.faults = FaultInjector()
@@ -239,6 +240,7 @@ class Export:
                 q = RingQueue(
                     i, fd, qids, o.ring_depth, handler, self.faults, self.stopping, poll_dev=i == 0
                 )
+                q.conn_gone = self.conn_gone
             else:
                 q = DevFuseQueue(i, fd, handler, self.faults, self.stopping)
             self.queues.append(q)
@@ -294,6 +296,14 @@ class Export:
                 self.status = 1
         for q in self.queues:
             q.close_wake_fd()
+            if isinstance(q, RingQueue) and self.conn_gone.is_set():
+                n, total = q.ended_enotconn, len(q.entries)
+                print(
+                    f"export: unmounted; queue {q.index}: "
+                    + ("all" if n == total else f"{n} of {total}")
+                    + " ring entries ended with ENOTCONN",
+                    file=sys.stderr,
+                )
         if self.session_fd >= 0:
             os.close(self.session_fd)
             self.session_fd = -1
@@ -424,7 +434,7 @@ def _write_pidfile(path: str) -> None:
 # -- command line -----------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line and status 1, like every other bad input.
         self.exit(1, f"{self.prog}: {message}\n")
@@ -441,7 +451,7 @@ def _positive_size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
-    p = _Parser(prog="export", description="Export one image as a regular-file FUSE mount.")
+    p = OneLineParser(prog="export", description="Export one image as a regular-file FUSE mount.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", metavar="IMG", help="raw image file to export")
     src.add_argument(

@@ -7,17 +7,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .client import ClientPool
 from .errnos import errno_name
 from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
-from .lifecycle import REPO, TRACKER, ExportArgs, ExporterProcess, child_env
+from .lifecycle import TRACKER, ExportArgs, ExporterProcess
 from .patterns import offset_pattern
 
 TRANSPORTS = ("legacy", "uring")
@@ -117,48 +116,9 @@ def exports(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Exports]
         ex.cleanup()
 
 
-class Client:
-    """Background one-shot clients (python -m harness.client)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def spawn(
-        self, op: str, path: Path, *args: int | str, cpu: int | None = None
-    ) -> subprocess.Popen[str]:
-        argv = [sys.executable, "-m", "harness.client"]
-        if cpu is not None:
-            argv += ["--cpu", str(cpu)]
-        argv += [op, str(path), *map(str, args)]
-        p = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=child_env(),
-        )
-        self.procs.append(p)
-        return p
-
-    @staticmethod
-    def result(p: subprocess.Popen[str], timeout: float = 10.0) -> str:
-        out, _ = p.communicate(timeout=timeout)
-        return out.strip()
-
-    def run(self, op: str, path: Path, *args: int | str, cpu: int | None = None) -> str:
-        return self.result(self.spawn(op, path, *args, cpu=cpu))
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-
-
 @pytest.fixture
-def client() -> Iterator[Client]:
-    c = Client()
+def client() -> Iterator[ClientPool]:
+    c = ClientPool()
     try:
         yield c
     finally:

@@ -44,7 +44,7 @@ class QmpServer:
             self._listener.bind(path)
         except OSError as e:
             self._listener.close()
-            raise OSError(e.errno, f"Failed to bind socket to {path}: {e.strerror}") from None
+            raise OSError(e.errno, f"Failed to bind socket to {path}: {e.strerror or e}") from None
         self._listener.listen(4)
         self._clients: dict[int, _Client] = {}
         self._send_lock = threading.Lock()

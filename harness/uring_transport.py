@@ -58,6 +58,7 @@ class Entry:
     last_cmd: int = abi.FUSE_IO_URING_CMD_REGISTER
     commit_id: int = 0
     retries: int = 0
+    in_kernel: bool = False  # submitted, its CQE not seen yet
 
 
 class RingQueue(Queue):
@@ -82,6 +83,10 @@ class RingQueue(Queue):
         self.payload_size = handler.config.payload_size
         self.per_qid = {qid: 0 for qid in qids}
         self.dev_per_op: dict[str, int] = {}
+        # Set by whichever queue sees the connection go first: then every
+        # queue collects its entries' -ENOTCONN before it stops.
+        self.conn_gone = threading.Event()
+        self.ended_enotconn = 0
         self.entries: list[Entry] = []
         self.ring: Ring | None = None
         self._channel: DevFuseChannel | None = None
@@ -116,6 +121,7 @@ class RingQueue(Queue):
     def _submit_cmd(self, e: Entry, cmd: int) -> None:
         assert self.ring is not None
         e.last_cmd = cmd
+        e.in_kernel = True
         if cmd == abi.FUSE_IO_URING_CMD_REGISTER:
             self.ring.prep_uring_cmd(
                 self.fd, cmd, e.index, e.iov_addr, 2, abi.URING_CMD_REQ, 0, 0, e.qid
@@ -157,7 +163,7 @@ class RingQueue(Queue):
     def _loop(self) -> None:
         ring = self.ring
         assert ring is not None
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() or self._collecting():
             ring.submit_and_wait(1)
             for user_data, res, _ in ring.completions():
                 if user_data < _WAKE:
@@ -168,14 +174,23 @@ class RingQueue(Queue):
                     ring.prep_poll_add(self.wake_fd, select.POLLIN, _WAKE)
                 else:
                     self._dev_ready(res)
-                if self.stopping.is_set():
+                if self.stopping.is_set() and not self._collecting():
                     return
 
+    def _collecting(self) -> bool:
+        """Unmounted: the kernel completes every entry with -ENOTCONN promptly."""
+        return self.conn_gone.is_set() and any(e.in_kernel for e in self.entries)
+
     def _entry_done(self, e: Entry, res: int) -> None:
+        e.in_kernel = False
         if res < 0:
             err = -res
             if err == errno.ENOTCONN:
-                raise ConnectionGone
+                self.ended_enotconn += 1
+                self.conn_gone.set()
+                if not self._collecting():
+                    raise ConnectionGone
+                return
             if err in (errno.EINTR, errno.EAGAIN) and e.retries < REGISTER_RETRIES:
                 e.retries += 1
                 self._submit_cmd(e, e.last_cmd)
@@ -225,7 +240,10 @@ class RingQueue(Queue):
         """/dev/fuse after INIT: only INTERRUPT and FORGET are expected."""
         assert self.ring is not None and self._channel is not None
         if res < 0 or res & (select.POLLERR | select.POLLHUP):
-            raise ConnectionGone
+            self.conn_gone.set()
+            if not self._collecting():
+                raise ConnectionGone
+            return
         self.drain_channel(self._channel, self.dev_per_op)
         self.ring.prep_poll_add(self.fd, select.POLLIN, _DEV)
 

@@ -1,0 +1,216 @@
+"""tools/check: run case instances the way qemu-iotests' ./check does.
+
+    tools/check [-fuse|-file] [-g GROUPS] [-x GROUPS] [-n] [-d] [-j N] [--regen] [CASE...]
+
+-fuse (the default) runs instances through an export on the classic
+/dev/fuse transport, or on FUSE-over-io_uring with FUSE_OVER_IO_URING=1.
+-file runs the generic I/O cases directly on the image, as a baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .context import Instance
+from .exporter import OneLineParser
+from .fingerprint import collect, format_lines
+from .lifecycle import REPO, TRACKER
+from .report import write_json, write_junit
+from .runner import CASES_DIR, GOLDEN_DIR, Result, RunOptions, cleanup_live, run_instance
+from .spec import CaseSpec, load_all
+
+DEFAULT_EXCLUDED_GROUPS = ("slow",)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = OneLineParser(prog="check", description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("-fuse", dest="mode", action="store_const", const="fuse")
+    mode.add_argument("-file", dest="mode", action="store_const", const="file")
+    p.add_argument("-g", dest="groups", default="", metavar="GROUPS", help="only these groups")
+    p.add_argument(
+        "-x", dest="exclude", default="", metavar="GROUPS", help="not these groups (default slow)"
+    )
+    p.add_argument("-n", dest="dry_run", action="store_true", help="list, do not run")
+    p.add_argument("-d", dest="debug", action="store_true", help="show the exporters' stderr")
+    p.add_argument("-j", dest="jobs", type=int, default=1, metavar="N", help="parallel jobs")
+    p.add_argument(
+        "--regen",
+        action="store_true",
+        default=os.environ.get("FUSE_IOTESTS_REGEN") == "1",
+        help="rewrite golden files instead of comparing (also FUSE_IOTESTS_REGEN=1)",
+    )
+    p.add_argument("--results", metavar="DIR", help="results directory (default results/)")
+    p.add_argument("--cases", metavar="DIR", default=str(CASES_DIR), help=argparse.SUPPRESS)
+    p.add_argument("--golden", metavar="DIR", default=str(GOLDEN_DIR), help=argparse.SUPPRESS)
+    p.add_argument("names", nargs="*", metavar="CASE", help="case or instance ids")
+    ns = p.parse_args(argv)
+    if ns.jobs < 1:
+        p.error("-j must be at least 1")
+    ns.mode = ns.mode or "fuse"
+    return ns
+
+
+def select(
+    specs: list[CaseSpec], mode: str, transport: str | None, ns: argparse.Namespace
+) -> tuple[list[tuple[CaseSpec, Instance]], list[str]]:
+    """The instances to run, and names given on the command line that match none."""
+    groups = {g for g in ns.groups.split(",") if g}
+    excluded = {g for g in ns.exclude.split(",") if g}
+    names: list[str] = list(ns.names)
+    if not excluded and not groups and not names:
+        excluded = set(DEFAULT_EXCLUDED_GROUPS)
+    chosen, matched = [], set()
+    for spec in specs:
+        for inst in spec.instances():
+            if inst.mode != mode or (mode == "fuse" and inst.transport != transport):
+                continue
+            if names:
+                hit = [n for n in names if n in (spec.id, inst.id)]
+                if not hit:
+                    continue
+                matched.update(hit)
+            if groups and not groups & set(spec.groups):
+                continue
+            if excluded & set(spec.groups):
+                continue
+            chosen.append((spec, inst))
+    unknown = [n for n in names if n not in matched]
+    return chosen, unknown
+
+
+def status_line(r: Result, width: int) -> str:
+    t0 = time.strftime("%H:%M:%S", time.localtime(r.start))
+    t1 = time.strftime("%H:%M:%S", time.localtime(r.end))
+    return f"{r.instance.id:<{width}} {r.status:<8} [{t0}] [{t1}] {r.elapsed:6.1f}s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    specs, errors = load_all(Path(ns.cases))
+    if errors:
+        for e in errors:
+            print(f"check: {e}", file=sys.stderr)
+        return 1
+    transport = None
+    if ns.mode == "fuse":
+        transport = "uring" if os.environ.get("FUSE_OVER_IO_URING") == "1" else "legacy"
+    chosen, unknown = select(specs, ns.mode, transport, ns)
+    if unknown:
+        print(f"check: no such case for this mode: {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    if ns.dry_run:
+        for _, inst in chosen:
+            print(inst.id)
+        return 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results_dir = Path(ns.results) if ns.results else REPO / "results" / f"{stamp}-{os.getpid()}"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    # Instance directories live in /tmp: a UNIX socket path must stay short.
+    scratch = Path(tempfile.mkdtemp(prefix="fuse-iotests."))
+    opts = RunOptions(results_dir, scratch, Path(ns.golden), ns.regen)
+    fp = collect()
+    for line in format_lines(fp):
+        print(line)
+    print(f"MODE         -- {ns.mode}" + (f" ({transport})" if transport else ""))
+    print(f"RESULTS      -- {results_dir}")
+    print()
+    width = max((len(i.id) for _, i in chosen), default=10) + 1
+    results: list[Result] = []
+    try:
+        _run_all(chosen, opts, ns.jobs, width, ns.debug, results)
+    except KeyboardInterrupt:
+        cleanup_live()
+        TRACKER.cleanup_all()
+        print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
+        return 130
+    finally:
+        order = {inst.id: n for n, (_, inst) in enumerate(chosen)}
+        results.sort(key=lambda r: order[r.instance.id])
+        write_json(results_dir / "report.json", fp, [ns.mode, *(argv or sys.argv[1:])], results)
+        write_junit(results_dir / "junit.xml", fp, results)
+        _remove_empty(scratch)
+    return _summary(results)
+
+
+def _run_all(
+    chosen: list[tuple[CaseSpec, Instance]],
+    opts: RunOptions,
+    jobs: int,
+    width: int,
+    debug: bool,
+    results: list[Result],
+) -> None:
+    todo: queue.Queue[tuple[CaseSpec, Instance]] = queue.Queue()
+    for item in chosen:
+        todo.put(item)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                spec, inst = todo.get_nowait()
+            except queue.Empty:
+                return
+            r = run_instance(spec, inst, opts)
+            with lock:
+                results.append(r)
+                _print_result(r, width, debug)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+
+
+def _print_result(r: Result, width: int, debug: bool) -> None:
+    print(status_line(r, width), flush=True)
+    if r.status != "pass" and r.reason:
+        for line in r.reason.splitlines():
+            print(f"    {line}")
+    if r.diff:
+        sys.stdout.write(r.diff if r.diff.endswith("\n") else r.diff + "\n")
+    if debug and r.exporter_stderr:
+        for line in r.exporter_stderr.splitlines():
+            print(f"    | {line}")
+    sys.stdout.flush()
+
+
+def _summary(results: list[Result]) -> int:
+    not_run = [r.instance.id for r in results if r.status == "not run"]
+    failed = [r.instance.id for r in results if r.status == "fail"]
+    n_run = len(results) - len(not_run)
+    print()
+    if not_run:
+        print(f"Not run: {' '.join(not_run)}")
+    if failed:
+        print(f"Failures: {' '.join(failed)}")
+        print(f"Failed {len(failed)} of {n_run} iotests")
+        return 1
+    print(f"Passed all {n_run} iotests")
+    return 0
+
+
+def _remove_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

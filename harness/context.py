@@ -1,0 +1,101 @@
+"""What a running case instance sees: its directory, transcript and cleanups.
+
+YAML steps and Python cases both write through CaseContext.log(), so both
+kinds produce the same kind of transcript.  Cleanups registered with
+defer() run in reverse order on every exit path: pass, fail, timeout and
+Ctrl-C.  On a timeout they run from another thread while the case thread
+may still be blocked in a syscall, so a cleanup must be able to unblock it
+(abort the FUSE connection, unmount, kill a child), not just close fds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .waiting import wait_until
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One concrete run of a case: the case, a transport or `file`, params."""
+
+    case_id: str
+    mode: str  # "file" or "fuse"
+    transport: str | None  # "legacy" or "uring" in fuse mode
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def param_key(self) -> str:
+        return ",".join(f"{k}={_fmt(v)}" for k, v in self.params)
+
+    @property
+    def id(self) -> str:
+        head = self.transport if self.mode == "fuse" else "file"
+        key = self.param_key
+        return f"{self.case_id}[{head}-{key}]" if key else f"{self.case_id}[{head}]"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
+
+
+class CaseContext:
+    def __init__(self, instance: Instance, workdir: Path) -> None:
+        self.instance = instance
+        self.params: dict[str, Any] = dict(instance.params)
+        self.workdir = workdir
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._cleanups: list[tuple[str, Callable[[], None]]] = []
+        self.diagnostics: list[Callable[[], str]] = []
+
+    def log(self, line: str = "") -> None:
+        with self._lock:
+            self.lines.extend(str(line).split("\n"))
+
+    def defer(self, fn: Callable[[], None], what: str = "") -> None:
+        """Run fn at the end of the instance, whatever happens."""
+        with self._lock:
+            self._cleanups.append((what or getattr(fn, "__name__", "cleanup"), fn))
+
+    def diagnose(self, fn: Callable[[], str]) -> None:
+        """fn() is added to the report of a timeout or a failed wait."""
+        self.diagnostics.append(fn)
+
+    def report(self) -> str:
+        parts = []
+        for fn in self.diagnostics:
+            try:
+                parts.append(fn())
+            except Exception as e:
+                parts.append(f"<diagnostic failed: {e}>")
+        return "\n".join(p for p in parts if p)
+
+    def wait(self, condition: Callable[[], T], timeout: float, what: str) -> T:
+        """A bounded poll that reports the instance's diagnostics on timeout."""
+        return wait_until(condition, timeout, what, self.report)
+
+    def run_cleanups(self) -> list[str]:
+        """Run (once) every deferred cleanup; return the errors they raised."""
+        with self._lock:
+            todo, self._cleanups = self._cleanups[::-1], []
+        errors = []
+        for what, fn in todo:
+            try:
+                fn()
+            except Exception as e:
+                errors.append(f"cleanup {what}: {type(e).__name__}: {e}")
+        return errors
+
+    @property
+    def transcript(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines) + "\n"

@@ -1,0 +1,91 @@
+"""The environment fingerprint tools/check prints first and stores with results.
+
+A regression between kernels is only reproducible with the kernel, the
+FUSE minor and INIT flags it offered, the io_uring knobs and the CPU
+layout on record, so every run records them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import __version__, abi
+from .kernel import ENABLE_URING, IO_URING_DISABLED, read_param
+from .layout import possible_cpu_ids
+from .lifecycle import REPO
+
+
+def _git_revision() -> str:
+    try:
+        res = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return res.stdout.strip() or "unknown"
+
+
+def _qsd_version() -> str:
+    try:
+        res = subprocess.run(
+            ["qemu-storage-daemon", "--version"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return res.stdout.splitlines()[0] if res.stdout else "unknown"
+
+
+def _probe_init() -> dict[str, Any]:
+    """FUSE_INIT as the kernel offers it, from a throw-away probe mount."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        return {"error": "needs root and /dev/fuse"}
+    from .probe import read_kernel_init
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="fuse-iotests-probe-") as tmp:
+            init = read_kernel_init(Path(tmp))
+    except (OSError, RuntimeError) as e:
+        return {"error": str(e)}
+    return {
+        "protocol": f"{init.major}.{init.minor}",
+        "offered": abi.flag_names(init.flags),
+    }
+
+
+def collect() -> dict[str, Any]:
+    cpus = possible_cpu_ids()
+    return {
+        "kernel": os.uname().release,
+        "fuse": _probe_init(),
+        "enable_uring": read_param(ENABLE_URING) or "missing",
+        "io_uring_disabled": read_param(IO_URING_DISABLED) or "missing",
+        "possible_cpus": len(cpus),
+        "possible_cpu_list": ",".join(map(str, cpus)),
+        "exporter": f"harness.exporter {__version__} ({_git_revision()})",
+        "qemu_storage_daemon": _qsd_version(),
+    }
+
+
+def format_lines(fp: dict[str, Any]) -> list[str]:
+    """The iotests-style header: 'NAME -- value'."""
+    fuse = fp["fuse"]
+    if "error" in fuse:
+        fuse_line = f"probe failed: {fuse['error']}"
+    else:
+        fuse_line = f"protocol {fuse['protocol']}, offers {' '.join(fuse['offered'])}"
+    return [
+        f"KERNEL       -- {fp['kernel']}",
+        f"FUSE         -- {fuse_line}",
+        f"IO_URING     -- enable_uring={fp['enable_uring']} "
+        f"io_uring_disabled={fp['io_uring_disabled']}",
+        f"CPUS         -- {fp['possible_cpus']} possible ({fp['possible_cpu_list']})",
+        f"EXPORTER     -- {fp['exporter']}",
+        f"QSD          -- {fp['qemu_storage_daemon']}",
+    ]

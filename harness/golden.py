@@ -1,0 +1,84 @@
+"""Golden (reference) transcripts: which file an instance is compared with.
+
+An instance's golden name is `<case>.out`, or `<case>[<params>].out` when
+the case has a matrix.  The transport is not part of the name: legacy,
+uring and -file instances of a case share one file.  Variants are tried
+first, in this order, and the first file that exists wins (as in
+qemu-iotests' find_reference):
+
+  1. `<name>.<transport>.out`  only for cases with `golden: per-transport`
+  2. `<name>.no-uring.out`     when the kernel lacks FUSE-over-io_uring
+  3. `<name>.out`
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .context import Instance
+
+
+def base_name(inst: Instance) -> str:
+    key = inst.param_key
+    return f"{inst.case_id}[{key}]" if key else inst.case_id
+
+
+def candidates(
+    golden_dir: Path, inst: Instance, per_transport: bool, uring_kernel: bool
+) -> list[Path]:
+    name = base_name(inst)
+    tags = []
+    if per_transport and inst.transport:
+        tags.append(inst.transport)
+    if not uring_kernel:
+        tags.append("no-uring")
+    return [golden_dir / f"{name}.{t}.out" for t in tags] + [golden_dir / f"{name}.out"]
+
+
+def find_reference(
+    golden_dir: Path, inst: Instance, per_transport: bool, uring_kernel: bool
+) -> Path:
+    """The first existing candidate, or the last (the plain name) if none exists."""
+    paths = candidates(golden_dir, inst, per_transport, uring_kernel)
+    for p in paths:
+        if p.exists():
+            return p
+    return paths[-1] if not per_transport else paths[0]
+
+
+@dataclass
+class Comparison:
+    golden: Path
+    ok: bool
+    diff: str = ""
+    bad: Path | None = None
+
+
+def compare(golden: Path, actual: str, bad_dir: Path, bad_name: str, regen: bool) -> Comparison:
+    """Compare with the golden file; write .out.bad and a diff, or regenerate."""
+    if regen:
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(actual)
+        return Comparison(golden, True)
+    try:
+        expected = golden.read_text()
+    except FileNotFoundError:
+        expected = None
+    if expected == actual:
+        return Comparison(golden, True)
+    bad_dir.mkdir(parents=True, exist_ok=True)
+    bad = bad_dir / f"{bad_name}.out.bad"
+    bad.write_text(actual)
+    if expected is None:
+        return Comparison(golden, False, f"no golden file {golden} (see {bad}; --regen)", bad)
+    diff = "".join(
+        difflib.unified_diff(
+            expected.splitlines(keepends=True),
+            actual.splitlines(keepends=True),
+            str(golden),
+            str(bad),
+        )
+    )
+    return Comparison(golden, False, diff, bad)

@@ -1,0 +1,83 @@
+"""Collects the case instances in cases/ as pytest items (loaded by conftest.py).
+
+Item names are the instance ids, which carry the transport, so
+`pytest -k uring` selects the io_uring instances; the markers legacy,
+uring, file, slow and serial select the same way with -m.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .context import Instance
+from .runner import CASES_DIR, Result, RunOptions, run_instance
+from .spec import CaseSpec, SpecError, load_spec
+
+RESULTS = CASES_DIR.parent / "results" / "pytest"
+SCRATCH = Path(tempfile.gettempdir()) / "fuse-iotests.pytest"
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> CaseFile | None:
+    if (
+        file_path.parent == CASES_DIR
+        and file_path.suffix in (".yaml", ".py")
+        and file_path.name[0] not in "._"
+    ):
+        return CaseFile.from_parent(parent, path=file_path)
+    return None
+
+
+class CaseFile(pytest.File):
+    def collect(self) -> Iterator[CaseItem]:
+        try:
+            spec = load_spec(self.path)
+        except SpecError as e:
+            raise self.CollectError(str(e)) from None
+        for inst in spec.instances():
+            item = CaseItem.from_parent(self, name=inst.id, spec=spec, instance=inst)
+            item.add_marker(inst.transport or "file")
+            if "slow" in spec.groups:
+                item.add_marker("slow")
+            if spec.serial:
+                item.add_marker("serial")
+            yield item
+
+
+class CaseFailed(Exception):
+    def __init__(self, result: Result) -> None:
+        super().__init__(result.reason)
+        self.result = result
+
+
+class CaseItem(pytest.Item):
+    def __init__(self, *, spec: CaseSpec, instance: Instance, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.spec = spec
+        self.instance = instance
+
+    def runtest(self) -> None:
+        opts = RunOptions(
+            RESULTS,
+            SCRATCH,
+            regen=os.environ.get("FUSE_IOTESTS_REGEN") == "1",
+        )
+        result = run_instance(self.spec, self.instance, opts)
+        if result.status == "not run":
+            pytest.skip(f"not run: {result.reason}")
+        if result.status == "fail":
+            raise CaseFailed(result)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, CaseFailed):
+            r = excinfo.value.result
+            return "\n".join(x for x in (r.reason, r.diff) if x)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, self.name

@@ -1,0 +1,72 @@
+"""Run results on disk: one JSON file per run and a JUnit XML file for CI."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from .runner import Result
+
+
+def _result_dict(r: Result) -> dict[str, Any]:
+    return {
+        "id": r.instance.id,
+        "case": r.instance.case_id,
+        "mode": r.instance.mode,
+        "transport": r.instance.transport,
+        "params": dict(r.instance.params),
+        "status": r.status,
+        "reason": r.reason,
+        "start": r.start,
+        "end": r.end,
+        "elapsed": round(r.elapsed, 3),
+        "golden": r.golden,
+        "bad": r.bad,
+        "diff": r.diff,
+    }
+
+
+def write_json(
+    path: Path, fingerprint: dict[str, Any], argv: list[str], results: list[Result]
+) -> None:
+    doc = {
+        "argv": argv,
+        "fingerprint": fingerprint,
+        "summary": {s: sum(r.status == s for r in results) for s in ("pass", "fail", "not run")},
+        "results": [_result_dict(r) for r in results],
+    }
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def write_junit(path: Path, fingerprint: dict[str, Any], results: list[Result]) -> None:
+    suite = ET.Element(
+        "testsuite",
+        name="fuse-iotests",
+        tests=str(len(results)),
+        failures=str(sum(r.status == "fail" for r in results)),
+        skipped=str(sum(r.status == "not run" for r in results)),
+        time=f"{sum(r.elapsed for r in results):.3f}",
+    )
+    props = ET.SubElement(suite, "properties")
+    for k, v in fingerprint.items():
+        ET.SubElement(
+            props, "property", name=k, value=json.dumps(v) if not isinstance(v, str) else v
+        )
+    for r in results:
+        tc = ET.SubElement(
+            suite,
+            "testcase",
+            classname=r.instance.case_id,
+            name=r.instance.id,
+            time=f"{r.elapsed:.3f}",
+        )
+        if r.status == "fail":
+            first = r.reason.splitlines()[0] if r.reason else "failed"
+            el = ET.SubElement(tc, "failure", message=first)
+            el.text = "\n".join(x for x in (r.reason, r.diff) if x)
+        elif r.status == "not run":
+            ET.SubElement(tc, "skipped", message=r.reason)
+    ET.indent(suite)
+    ET.ElementTree(suite).write(path, encoding="unicode", xml_declaration=True)

@@ -1,0 +1,271 @@
+"""Running one case instance: requirements, locks, timeout, cleanup, golden.
+
+The case body runs in a worker thread so that the runner keeps control:
+when the instance's timeout expires, the report gets the exporter's stderr
+tail and the kernel stacks of stuck threads, and then the cleanups (stop
+the exporter, unmount, abort the connection) unblock the worker.  Cleanups
+run on every path: pass, fail, timeout and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .context import CaseContext, Instance
+from .filters import FilterEnv, apply_filters
+from .golden import compare, find_reference
+from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
+from .layout import possible_cpus
+from .lifecycle import REPO, ExportArgs
+from .mount import find_mount
+from .patterns import offset_pattern
+from .spec import CaseSpec, substitute
+from .steps import Session
+
+GOLDEN_DIR = REPO / "golden"
+CASES_DIR = REPO / "cases"
+CLEANUP_JOIN = 15.0
+
+
+@dataclass
+class RunOptions:
+    results_dir: Path
+    work_root: Path
+    golden_dir: Path = GOLDEN_DIR
+    regen: bool = False
+    timeout_scale: float = 1.0
+
+
+@dataclass
+class Result:
+    instance: Instance
+    status: str  # "pass", "fail" or "not run"
+    reason: str = ""
+    diff: str = ""
+    start: float = 0.0
+    end: float = 0.0
+    golden: str = ""
+    bad: str = ""
+    exporter_stderr: str = ""
+
+    @property
+    def elapsed(self) -> float:
+        return self.end - self.start
+
+
+# Contexts of running instances, for Ctrl-C in tools/check.
+LIVE: set[CaseContext] = set()
+
+
+def cleanup_live() -> None:
+    for ctx in list(LIVE):
+        ctx.run_cleanups()
+
+
+def uring_available() -> bool:
+    return read_param(ENABLE_URING) is not None
+
+
+def missing_requirement(spec: CaseSpec, inst: Instance) -> str | None:
+    """Why this instance cannot run here, or None."""
+    req = dict(spec.requires)
+    names = {s.name for s in spec.steps}
+    if inst.mode == "fuse":
+        req.setdefault("root", True)
+        req.setdefault("dev-fuse", True)
+    if "fio" in names:
+        req["fio"] = True
+    if "qemu-io" in names:
+        req["qemu-io"] = True
+    if req.get("root") and os.geteuid() != 0:
+        return "needs root"
+    if req.get("dev-fuse") and not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    for key, tool in (("fio", "fio"), ("qsd", "qemu-storage-daemon"), ("qemu-io", "qemu-io")):
+        if req.get(key) and shutil.which(tool) is None:
+            return f"{tool} not installed"
+    if req.get("cpus", 0) > possible_cpus():
+        return f"needs {req['cpus']} possible CPUs, this machine has {possible_cpus()}"
+    if inst.transport == "uring" or req.get("uring"):
+        return ensure_uring()
+    return None
+
+
+@contextlib.contextmanager
+def _kernel_lock(spec: CaseSpec, inst: Instance) -> Iterator[str | None]:
+    """Serial cases hold the kernel lock exclusively, io_uring users shared."""
+    uring = inst.transport == "uring" or spec.requires.get("uring")
+    if not spec.serial and not uring:
+        yield None
+        return
+    with kernel_lock(exclusive=spec.serial):
+        if uring and read_param(ENABLE_URING) != "Y":
+            yield "enable_uring was changed by someone else"
+        else:
+            yield None
+
+
+def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
+    result = Result(inst, "not run", start=time.time())
+    reason = missing_requirement(spec, inst)
+    if reason:
+        result.reason, result.end = reason, time.time()
+        return result
+    opts.work_root.mkdir(parents=True, exist_ok=True)
+    safe = inst.id.replace("[", "-").replace("]", "").replace(",", "-").replace("=", "_")
+    # Short: the exporter's control socket lives in here (sun_path is 108 bytes).
+    workdir = Path(tempfile.mkdtemp(prefix=safe[:32] + ".", dir=opts.work_root))
+    ctx = CaseContext(inst, workdir)
+    LIVE.add(ctx)
+    error = ""
+    try:
+        with _kernel_lock(spec, inst) as busy:
+            if busy:
+                result.reason = busy
+                return result
+            body, env = _prepare(spec, inst, ctx)
+            error = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
+    finally:
+        errors = ctx.run_cleanups()
+        LIVE.discard(ctx)
+        result.exporter_stderr = _exporter_stderr(workdir)
+        result.end = time.time()
+    left = _leftovers(workdir)
+    if errors or left:
+        error = "\n".join([error, *errors, *(f"left behind: {x}" for x in left)]).strip()
+    result.status = "pass"
+    if error:
+        result.status, result.reason = "fail", error
+    else:
+        header = f"QA output created by {inst.case_id}\n"
+        actual = apply_filters(header + ctx.transcript, env)
+        golden = find_reference(
+            opts.golden_dir, inst, spec.golden == "per-transport", uring_available()
+        )
+        cmp = compare(golden, actual, opts.results_dir, safe, opts.regen)
+        result.golden = str(golden)
+        if not cmp.ok:
+            result.status = "fail"
+            result.reason = f"output mismatch (see {cmp.bad})"
+            result.diff, result.bad = cmp.diff, str(cmp.bad)
+    if result.status == "pass":
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        result.reason += f"\n(instance directory kept: {workdir})"
+    return result
+
+
+def _prepare(spec: CaseSpec, inst: Instance, ctx: CaseContext) -> tuple[Any, FilterEnv]:
+    """The instance's body and the paths its filters replace."""
+    params = dict(inst.params)
+    if spec.python:
+        fn = spec.run_function()
+        return (lambda: fn(ctx)), FilterEnv(str(ctx.workdir), str(ctx.workdir), str(ctx.workdir))
+    from .backend import parse_size
+
+    image_opts = substitute(spec.image, params)
+    export = substitute(spec.export, params)
+    image = ctx.workdir / "disk.img"
+    fill = str(image_opts.get("fill", "offsets"))
+    size = parse_size(str(image_opts.get("size", "1M")))
+    with open(image, "wb") as f:
+        if fill == "offsets":
+            f.write(offset_pattern(0, size))
+        elif fill == "zero":
+            f.write(bytes(size))
+        f.truncate(size)
+    if inst.mode == "fuse":
+        target = ctx.workdir / "disk.fuse"
+        target.touch()
+        args = ExportArgs(
+            image=None if "null" in export else str(image),
+            null_size=export.get("null"),
+            writable=export.get("writable", True),
+            growable=export.get("growable", False),
+            queues=export.get("queues", 1),
+            io_uring=export.get("io-uring", "on" if inst.transport == "uring" else "off"),
+            ring_depth=export.get("ring-depth"),
+            max_write=export.get("max-write"),
+            allow_other=str(export.get("allow-other", "off")),
+        )
+    else:
+        target, args = image, None
+    env = FilterEnv(str(ctx.workdir), str(target), str(image))
+    session = Session(ctx, image, target, fill, args, filter_env=env)
+    steps = [(s.name, substitute(s.arg, params)) for s in spec.steps]
+
+    def body() -> None:
+        if args is not None and export.get("start", True):
+            session.start_export()
+        session.run_steps(steps)
+
+    return body, env
+
+
+def _run_with_timeout(body: Any, ctx: CaseContext, timeout: float) -> str:
+    """Run body in a worker thread; '' on success, else the failure report."""
+    outcome: dict[str, str] = {}
+
+    def worker() -> None:
+        try:
+            body()
+        except BaseException as e:  # reported, not raised, from the worker
+            tb = traceback.format_exception(e)
+            outcome["error"] = f"{type(e).__name__}: {e}\n" + "".join(tb[-3:]).rstrip()
+
+    t = threading.Thread(target=worker, name=f"case {ctx.instance.id}", daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout
+    while t.is_alive() and time.monotonic() < deadline:
+        t.join(0.05)
+    if t.is_alive():
+        report = [f"timed out after {timeout:.0f}s; transcript so far ends with:"]
+        report += [f"  {line}" for line in ctx.lines[-5:]]
+        report.append(ctx.report())
+        report.append(_thread_report(t))
+        ctx.run_cleanups()  # unblocks the worker: the exporter and mount are gone
+        t.join(CLEANUP_JOIN)
+        if t.is_alive():
+            report.append("the case thread is still stuck after cleanup")
+        return "\n".join(r for r in report if r)
+    return outcome.get("error", "")
+
+
+def _thread_report(t: threading.Thread) -> str:
+    frame = sys._current_frames().get(t.ident or 0)
+    py = "".join(traceback.format_stack(frame)[-4:]) if frame else ""
+    stack = ""
+    if t.native_id is not None:
+        try:
+            stack = Path(f"/proc/self/task/{t.native_id}/stack").read_text()
+        except OSError as e:
+            stack = f"<{e.strerror}>"
+    return f"case thread, Python stack:\n{py}case thread, kernel stack:\n{stack}".rstrip()
+
+
+def _exporter_stderr(workdir: Path) -> str:
+    parts = []
+    for p in sorted(workdir.glob("export*/export.stderr")):
+        parts.append(f"--- {p.parent.name} ---\n{p.read_text(errors='replace')}")
+    return "\n".join(parts)
+
+
+def _leftovers(workdir: Path) -> list[str]:
+    """FUSE mounts still on this instance's paths after the cleanups."""
+    found = []
+    for p in workdir.iterdir():
+        entry = find_mount(str(p))
+        if entry is not None and entry.is_fuse:
+            found.append(f"FUSE mount on {p}")
+    return found
