@@ -93,6 +93,16 @@ def status_line(r: Result, width: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        cleanup_live()
+        TRACKER.cleanup_all()
+        print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     ns = parse_args(argv)
     specs, errors = load_all(Path(ns.cases))
     if errors:
@@ -126,11 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     try:
         _run_all(chosen, opts, ns.jobs, width, ns.debug, results)
-    except KeyboardInterrupt:
-        cleanup_live()
-        TRACKER.cleanup_all()
-        print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
-        return 130
     finally:
         order = {inst.id: n for n, (_, inst) in enumerate(chosen)}
         results.sort(key=lambda r: order[r.instance.id])

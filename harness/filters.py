@@ -104,4 +104,4 @@ def apply_filters(text: str, env: FilterEnv) -> str:
 
 
 def filter_reference() -> str:
-    return "\n".join(f"| `{f.name}` | {f.doc} |" for f in FILTERS)
+    return "\n".join(f"| `{f.name}` | {f.doc.replace('|', '&#124;')} |" for f in FILTERS)

@@ -54,7 +54,7 @@ FSTYPE = "fuse.fuse-iotests-probe"
 FUSECTL = Path("/sys/fs/fuse/connections")
 FILE_SIZE = 1 << 20
 DEFAULT_MAX_WRITE = 128 * 1024
-PAGE_SIZE = 4096
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 WAIT = 5.0  # bound for something that must happen
 QUIET = 0.3  # bound for showing that something does NOT happen
 # The kernel refuses /dev/fuse reads into buffers smaller than a maximal
@@ -237,7 +237,9 @@ class Probe:
         self.conn: str | None = None  # fusectl name: the mount's kernel dev_t
         self.init: KernelInit | None = None
         self.init_unique = 0
-        self.payload_size = max(8192, DEFAULT_MAX_WRITE)
+        self.max_write = DEFAULT_MAX_WRITE  # as replied to FUSE_INIT
+        self.max_pages = DEFAULT_MAX_WRITE // PAGE_SIZE
+        self.payload_size = max(8192, DEFAULT_MAX_WRITE)  # what REGISTER needs
         self.rings: list[ProbeRing] = []
         self.clients: list[Client] = []
         self.served: list[Served] = []
@@ -331,6 +333,7 @@ class Probe:
             abi.KERNEL_VERSION, minor, self.init.max_readahead, flags, 16, 12,
             max_write, 1, pages, 0, flags2, 0, 0, *(0,) * 11,
         )  # fmt: skip
+        self.max_write, self.max_pages = max_write, pages
         self.payload_size = max(8192, max_write, pages * PAGE_SIZE)
         self._write_dev(self.init_unique, 0, body)
         return flags | flags2 << 32

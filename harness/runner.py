@@ -129,15 +129,19 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     ctx = CaseContext(inst, workdir)
     LIVE.add(ctx)
     error = ""
+    errors: list[str] = []
     try:
         with _kernel_lock(spec, inst) as busy:
-            if busy:
-                result.reason = busy
-                return result
-            body, env = _prepare(spec, inst, ctx)
-            error = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
+            try:
+                if busy:
+                    result.reason = busy
+                    return result
+                body, env = _prepare(spec, inst, ctx)
+                error = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
+            finally:
+                # Under the lock: a cleanup may restore kernel state.
+                errors = ctx.run_cleanups()
     finally:
-        errors = ctx.run_cleanups()
         LIVE.discard(ctx)
         result.exporter_stderr = _exporter_stderr(workdir)
         result.end = time.time()

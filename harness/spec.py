@@ -314,6 +314,10 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
                 name, arg = next(iter(raw.items()))
             else:
                 raise c.fail(ln, "a step is one 'name: argument' mapping or a bare name")
+            if name == "kernel-param" and not spec.serial:
+                raise c.fail(
+                    ln, "step 'kernel-param' changes kernel state: the case needs serial: true"
+                )
             spec.steps.append(Step(str(name), arg, ln))
     # Every matrix value must reach the case, and every $ref must be known.
     used = references([image, export, data.get("steps", [])])
@@ -321,7 +325,9 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
         if name not in used and not python:
             raise c.fail(_matrix_line(data, name), f"matrix.{name} is never used (${name})")
     for ref in sorted(used - set(spec.matrix) - {"TARGET", "TEST_DIR", "IMAGE"}):
-        raise c.fail(line_of(data, "steps"), f"unknown reference ${ref}")
+        where = [line_of(data, k) for k in ("image", "export") if ref in references(data.get(k))]
+        where += [s.line for s in spec.steps if ref in references(s.arg)]
+        raise c.fail(where[0] if where else 1, f"unknown reference ${ref}")
     # Type-check every instance now, so nothing runs half-understood.
     for inst in spec.instances():
         params = dict(inst.params)

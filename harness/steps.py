@@ -182,6 +182,7 @@ class StepDef:
     optional: bool = False  # the argument may be left out
     export: bool = False  # needs a FUSE export (not in -file mode)
     doc: str = ""
+    metavar: str = ""
 
     def convert(self, arg: Any) -> Any:
         if arg is None and (self.optional or (self.fields is None and self.scalar is None)):
@@ -202,10 +203,11 @@ def step(
     scalar: Callable[[Any], Any] | None = None,
     optional: bool = False,
     export: bool = False,
+    metavar: str = "",
 ) -> Callable[[Callable[[Session, Any], None]], Callable[[Session, Any], None]]:
     def register(fn: Callable[[Session, Any], None]) -> Callable[[Session, Any], None]:
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        STEPS[name] = StepDef(fn, fields, scalar, optional, export, doc)
+        STEPS[name] = StepDef(fn, fields, scalar, optional, export, doc, metavar)
         return fn
 
     return register
@@ -388,7 +390,7 @@ def _read(s: Session, a: dict[str, Any]) -> None:
     s.log(timing_line(len(data), dt))
 
 
-@step("qemu-io", scalar=texts)
+@step("qemu-io", scalar=texts, metavar="CMD or [CMD, ...]")
 def _qemu_io(s: Session, cmds: list[str]) -> None:
     """Run the real qemu-io (-f raw) with these -c commands on the target."""
     argv = ["qemu-io", "-f", "raw"]
@@ -401,7 +403,7 @@ def _qemu_io(s: Session, cmds: list[str]) -> None:
         s.log(f"qemu-io: exit {res.returncode}")
 
 
-@step("truncate", scalar=size)
+@step("truncate", scalar=size, metavar="SIZE")
 def _truncate(s: Session, length: int) -> None:
     """ftruncate(2) the target to a size."""
     fd = s.open(os.O_RDWR)
@@ -477,7 +479,12 @@ def _map(s: Session, _: None) -> None:
         os.close(fd)
 
 
-@step("stat", scalar=lambda v: [choice(*STAT_FIELDS)(f) for f in texts(v)], optional=True)
+@step(
+    "stat",
+    scalar=lambda v: [choice(*STAT_FIELDS)(f) for f in texts(v)],
+    optional=True,
+    metavar="[FIELD, ...]",
+)
 def _stat(s: Session, fields: list[str] | None) -> None:
     """stat(2) the target; print the fields asked for (default size)."""
     try:
@@ -508,7 +515,7 @@ def _fsync(s: Session, _: None) -> None:
         os.close(fd)
 
 
-@step("dd", scalar=text)
+@step("dd", scalar=text, metavar="OPERANDS")
 def _dd(s: Session, args: str) -> None:
     """Run dd with these operands ($TARGET, $IMAGE, $TEST_DIR expanded); print its report."""
     res = subprocess.run(
@@ -594,7 +601,7 @@ def _background(s: Session, a: dict[str, Any]) -> None:
     s.log(f"{a['name']}: started {a['op']} {' '.join(map(str, args))}".rstrip())
 
 
-@step("wait", scalar=text)
+@step("wait", scalar=text, metavar="NAME")
 def _wait(s: Session, name: str) -> None:
     """Wait (bounded) for a background client; print what its syscall returned."""
     p = s.background.pop(name, None)
@@ -656,7 +663,7 @@ def _wait_held(s: Session, a: dict[str, Any]) -> None:
     s.log(f"{a['name']}: {count} held")
 
 
-@step("release", scalar=text, export=True)
+@step("release", scalar=text, export=True, metavar="NAME or all")
 def _release(s: Session, name: str) -> None:
     """Release a hold rule by name, or every rule with 'all'."""
     rule_id = None if name == "all" else s.rules[name]
@@ -666,7 +673,7 @@ def _release(s: Session, name: str) -> None:
 # -- the exporter and the mount ------------------------------------------
 
 
-@step("signal", scalar=choice(*SIGNALS), export=True)
+@step("signal", scalar=choice(*SIGNALS), export=True, metavar="TERM, KILL or INT")
 def _signal(s: Session, name: str) -> None:
     """Send SIGTERM, SIGKILL or SIGINT to the exporter."""
     s.need_exporter().signal(SIGNALS[name])
@@ -813,7 +820,7 @@ def _cycles(s: Session, a: dict[str, Any]) -> None:
     s.log(f"harness fds after each cycle: {'constant' if len(own_fds) == 1 else 'GREW'}")
 
 
-@step("pin", scalar=lambda v: None if v is None else integer(v), optional=True)
+@step("pin", scalar=lambda v: None if v is None else integer(v), optional=True, metavar="CPU")
 def _pin(s: Session, cpu: int | None) -> None:
     """Pin this case's I/O (and later background clients) to one CPU."""
     if cpu is None:
@@ -873,7 +880,7 @@ def _kernel_param(s: Session, a: dict[str, Any]) -> None:
     s.log(f"enable_uring={a['enable_uring']}")
 
 
-@step("echo", scalar=text)
+@step("echo", scalar=text, metavar="TEXT")
 def _echo(s: Session, line: str) -> None:
     """Print a line (section headers such as '=== Held READ ===')."""
     s.log(line)
@@ -911,13 +918,14 @@ def step_reference() -> str:
         if sd.fields:
             arg = "{" + ", ".join(k if req else f"{k}?" for k, (_, req) in sd.fields.items()) + "}"
         else:
-            arg = "VALUE" if sd.scalar else ""
+            arg = sd.metavar
         mark = " (export)" if sd.export else ""
-        lines.append(f"| `{name}` | `{arg}` | {sd.doc}{mark} |")
+        arg = f"`{arg}`" if arg else ""
+        lines.append(f"| `{name}` | {arg} | {sd.doc}{mark} |".replace("||", "| |"))
     return "\n".join(lines)
 
 
-@step("exporter-log", scalar=text, export=True)
+@step("exporter-log", scalar=text, export=True, metavar="TEXT")
 def _exporter_log(s: Session, needle: str) -> None:
     """Print the exporter's stderr lines that contain a string."""
     lines = [ln for ln in s.need_exporter().stderr().splitlines() if needle in ln]

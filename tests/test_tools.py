@@ -19,3 +19,13 @@ def test_tools_demo_passes() -> None:
     res = subprocess.run([REPO / "tools/demo"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "image holds the written bytes" in res.stdout
+
+
+def test_readme_reference_is_current() -> None:
+    """The README's step and filter tables are generated from the code."""
+    from harness.filters import filter_reference
+    from harness.steps import step_reference
+
+    readme = (REPO / "README.md").read_text()
+    assert step_reference() in readme
+    assert filter_reference() in readme

@@ -1,4 +1,6 @@
-"""FUSE-over-io_uring specifics: CQE delivery, routing, negotiation, cycles.
+"""FUSE-over-io_uring specifics: CQE delivery, routing, negotiation.
+
+Start/stop cycles are the race-cycles case (cases/race-cycles.yaml).
 
 The behaviour tests of the classic transport run again for io_uring through
 the `transport` parameter; this file covers what only io_uring has.
@@ -6,7 +8,6 @@ the `transport` parameter; this file covers what only io_uring has.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
@@ -110,25 +111,3 @@ def test_io_deeper_than_the_ring(exports, uring, depth):
     assert res.returncode == 0, res.stdout + res.stderr
     assert exp.query()["dev-requests-after-init"]["total"] == 0
     assert exp.stop() == 0
-
-
-def process_resources(pid: int) -> tuple[int, int]:
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    with open(f"/proc/{pid}/status") as f:
-        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-    return fds, threads
-
-
-@pytest.mark.slow
-def test_start_stop_cycles(exports, client, transport):
-    seen = set()
-    own_fds = len(os.listdir("/proc/self/fd"))
-    image = exports.image()
-    for i in range(50):
-        exp = exports.start(image, exports.mountpoint(f"c{i}.fuse"), writable=True, queues=2)
-        assert client.run("pwrite", exp.mountpoint, 0, 4096) == "ok 4096"
-        seen.add(process_resources(exp.pid))
-        assert exp.stop() == 0
-        assert not exp.is_mounted()
-    assert len(seen) == 1, f"fds/threads changed between cycles: {sorted(seen)}"
-    assert len(os.listdir("/proc/self/fd")) <= own_fds + 1

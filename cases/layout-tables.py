@@ -1,0 +1,35 @@
+"""Pure multiqueue layout tables: which ring queues each queue thread owns."""
+
+# Guards: the qid-to-queue mapping for any CPU count, including idle queues when
+# queues > CPUs (seed review: get_nprocs() instead of possible CPUs; libfuse fuse_uring).
+from harness.context import CaseContext
+from harness.layout import layout_table
+
+SPEC = {
+    "id": "layout-tables",
+    "description": "Ring queue ownership for possible CPUs 1..64 x queues 1..8 (no kernel needed)",
+    "groups": ["quick", "layout"],
+}
+
+POSSIBLE_CPUS = (1, 2, 3, 4, 8, 16, 64)
+QUEUES = (1, 2, 3, 4, 8)
+
+
+def _ranges(qids: list[int]) -> str:
+    """[0, 2, 4] -> '0,2,4'; long strided lists stay readable as 'a..b step s'."""
+    if len(qids) > 4:
+        return f"{qids[0]}..{qids[-1]} step {qids[1] - qids[0]} ({len(qids)})"
+    return ",".join(map(str, qids))
+
+
+def run(ctx: CaseContext) -> None:
+    for cpus in POSSIBLE_CPUS:
+        ctx.log(f"=== {cpus} possible CPU(s) ===")
+        for queues in QUEUES:
+            table = layout_table(cpus, queues)
+            owned = [f"q{q}:{_ranges(qids)}" for q, qids in enumerate(table) if qids]
+            idle = [f"q{q}" for q, qids in enumerate(table) if not qids]
+            line = f"queues={queues}: " + " ".join(owned)
+            if idle:
+                line += f"  idle: {' '.join(idle)}"
+            ctx.log(line)

@@ -1,0 +1,158 @@
+"""The case model: parsing, validation errors with file:line, matrix expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.context import Instance
+from harness.spec import SpecError, load_all, load_spec
+
+GOOD = """\
+# Guards: nothing; a test fixture.
+id: demo
+description: a demo case
+groups: [quick, rw]
+matrix:
+  growable: [false, true]
+export: {growable: $growable}
+steps:
+  - write: {offset: 0, length: 4k, pattern: 0xab}
+  - read: {offset: 0, length: 4k, pattern: 0xab}
+"""
+
+
+def write_case(tmp_path: Path, text: str, name: str = "demo") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str, name: str = "demo") -> str:
+    with pytest.raises(SpecError) as e:
+        load_spec(write_case(tmp_path, text, name))
+    return str(e.value)
+
+
+def test_good_spec_expands_into_transport_instances(tmp_path: Path) -> None:
+    spec = load_spec(write_case(tmp_path, GOOD))
+    assert spec.guards == "nothing; a test fixture."
+    assert [i.id for i in spec.instances()] == [
+        "demo[legacy-growable=off]",
+        "demo[legacy-growable=on]",
+        "demo[uring-growable=off]",
+        "demo[uring-growable=on]",
+    ]
+
+
+def test_modes_and_transports_restrict_instances(tmp_path: Path) -> None:
+    text = GOOD.replace("groups:", "modes: [file, fuse]\ntransports: [uring]\ngroups:")
+    ids = [i.id for i in load_spec(write_case(tmp_path, text)).instances()]
+    assert ids == [
+        "demo[file-growable=off]",
+        "demo[file-growable=on]",
+        "demo[uring-growable=off]",
+        "demo[uring-growable=on]",
+    ]
+
+
+def test_explicit_matrix_combinations(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "matrix:\n  growable: [false, true]\n",
+        "matrix:\n  - {growable: false, n: 4k}\n  - {growable: true, n: 8k}\n",
+    ).replace("length: 4k, pattern: 0xab}\n  - read", "length: $n, pattern: 0xab}\n  - read")
+    spec = load_spec(write_case(tmp_path, text))
+    assert [i.param_key for i in spec.instances()] == [
+        "growable=off,n=4k",
+        "growable=on,n=8k",
+    ] * 2
+
+
+def test_instance_id_without_params() -> None:
+    assert Instance("c", "fuse", "uring").id == "c[uring]"
+    assert Instance("c", "file", None).id == "c[file]"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("groups:", "colour: red\ngroups:", ":4: unknown key 'colour'"),
+        ("groups: [quick, rw]", "groups: quick", ":4: groups must be a non-empty list"),
+        ("  - read:", "  - frobnicate: 1\n  - read:", ":10: step 'frobnicate': unknown step"),
+        ("pattern: 0xab}\n  - read", "pattern: 0x1ab}\n  - read", ":9: step 'write': pattern"),
+        (
+            "offset: 0, length: 4k, pattern: 0xab}\n  - read",
+            "offset: 0}\n  - read",
+            ":9: step 'write': missing argument 'length'",
+        ),
+        (
+            "export: {growable: $growable}",
+            "export: {growable: true}",
+            ":6: matrix.growable is never",
+        ),
+        ("$growable}", "$growable, writable: $writeable}", ":7: unknown reference $writeable"),
+        ("export: {", "export: {queues: two, ", ":7: export.queues must be an integer"),
+        ("id: demo", "id: other", ":2: id 'other' must be the file name 'demo'"),
+        ("# Guards: nothing; a test fixture.\n", "", ":1: missing the '# Guards:"),
+        ("description: a demo case\n", "", "missing required key 'description'"),
+        ("groups:", "transports: [legacy, carrier-pigeon]\ngroups:", "unknown value 'carrier"),
+        ("groups:", "description: again\ngroups:", ":4: duplicate key 'description'"),
+        ("steps:", "steps: [\n", ": YAML: "),
+    ],
+)
+def test_bad_specs_name_file_and_line(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert old in GOOD
+    msg = error_of(tmp_path, GOOD.replace(old, new, 1))
+    assert msg.startswith(str(tmp_path / "demo.yaml") + ":")
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_case_ids_cannot_contain_a_transport_name(tmp_path: Path) -> None:
+    text = GOOD.replace("id: demo", "id: uring-demo")
+    assert "must not contain 'uring'" in error_of(tmp_path, text, "uring-demo")
+
+
+def test_export_steps_are_refused_in_file_mode(tmp_path: Path) -> None:
+    text = GOOD.replace("groups:", "modes: [file]\ngroups:").replace(
+        "export: {growable: $growable}\n", ""
+    )
+    text = text.replace("  - read:", "  - signal: TERM\n  - read:")
+    text = text.replace("matrix:\n  growable: [false, true]\n", "")
+    assert "step 'signal': needs a FUSE export" in error_of(tmp_path, text)
+
+
+def test_one_bad_spec_does_not_hide_the_others(tmp_path: Path) -> None:
+    write_case(tmp_path, GOOD)
+    write_case(
+        tmp_path, GOOD.replace("id: demo", "id: bad1").replace("groups:", "x: 1\ngroups:"), "bad1"
+    )
+    write_case(
+        tmp_path,
+        GOOD.replace("id: demo", "id: bad2").replace("  - read", "  - nope: 1\n  - read"),
+        "bad2",
+    )
+    specs, errors = load_all(tmp_path)
+    assert [s.id for s in specs] == ["demo"]
+    assert len(errors) == 2
+    assert "bad1.yaml:4: unknown key 'x'" in errors[0]
+    assert "bad2.yaml:10: step 'nope'" in errors[1]
+
+
+def test_python_case_needs_run(tmp_path: Path) -> None:
+    path = tmp_path / "pycase.py"
+    path.write_text(
+        "# Guards: nothing.\nSPEC = {'id': 'pycase', 'description': 'd', 'groups': ['quick']}\n"
+    )
+    with pytest.raises(SpecError, match=r"pycase.py:1: a Python case must define run\(ctx\)"):
+        load_spec(path)
+    path.write_text(path.read_text() + "def run(ctx):\n    ctx.log('hello')\n")
+    spec = load_spec(path)
+    assert spec.python and [i.id for i in spec.instances()] == ["pycase[legacy]", "pycase[uring]"]
+
+
+def test_every_shipped_case_loads() -> None:
+    specs, errors = load_all(Path(__file__).resolve().parent.parent / "cases")
+    assert errors == []
+    assert len(specs) >= 10
