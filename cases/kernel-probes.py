@@ -1,12 +1,12 @@
 """Kernel probes: how the kernel answers FUSE_INIT and FUSE-over-io_uring misuse."""
 
-# Guards: the checks of fs/fuse/dev_uring.c fuse_uring_cmd() (SQE128 first, then
-# !fc->initialized -> EAGAIN, and a failed REGISTER setting fc->io_uring = 0),
-# fuse_uring_register() (qid < num_possible_cpus()), fuse_uring_create_ring_ent()
-# (payload >= max(FUSE_MIN_READ_BUFFER, max_write, max_pages * PAGE_SIZE)),
-# is_ring_ready() (the ring is used only once every qid has an entry),
-# fuse_uring_commit_fetch() (unknown commit_id -> ENOENT, request kept), and
-# fs/fuse/inode.c process_init_reply() (flags2 ignored without INIT_EXT).
+# Guards: fs/fuse/dev_uring.c REGISTER/COMMIT checks and process_init_reply() flags2 (kernel).
+# What each probe pins: fuse_uring_cmd() checks SQE128 first, then !fc->initialized -> EAGAIN,
+# and a failed REGISTER sets fc->io_uring = 0; fuse_uring_register() wants qid <
+# num_possible_cpus(); fuse_uring_create_ring_ent() a payload >= max(FUSE_MIN_READ_BUFFER,
+# max_write, max_pages * PAGE_SIZE); is_ring_ready() needs an entry on every qid;
+# fuse_uring_commit_fetch() answers an unknown commit_id with ENOENT and keeps the request;
+# inode.c process_init_reply() ignores flags2 without INIT_EXT.
 from __future__ import annotations
 
 from collections.abc import Callable

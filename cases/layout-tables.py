@@ -1,7 +1,6 @@
 """Pure multiqueue layout tables: which ring queues each queue thread owns."""
 
-# Guards: the qid-to-queue mapping for any CPU count, including idle queues when
-# queues > CPUs (seed review: get_nprocs() instead of possible CPUs; libfuse fuse_uring).
+# Guards: qid-to-queue ownership for any CPU count, idle queues too (seed review: get_nprocs()).
 from harness.context import CaseContext
 from harness.layout import layout_table
 

@@ -6,6 +6,7 @@ acting only once the exporter reports it held.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -142,3 +143,19 @@ def test_interrupt_finishes_a_held_request(exports, client, transport):
     exp.wait_held(rule_id, count=0)
     assert exp.query()["queues"][0]["opcodes"]["INTERRUPT"] == 1
     assert exp.stop() == 0
+
+
+def test_harness_fds_do_not_grow_over_cycles(exports, transport):
+    """The harness side of race-cycles: starting, querying and stopping
+    exporters must not leak fds in the test process (QMP sockets, pipes)."""
+    image = exports.image()
+    counts = []
+    for i in range(10):
+        exp = exports.start(image, exports.mountpoint(f"c{i}.fuse"), writable=True)
+        assert exp.query()["size"] == 1 << 20
+        assert exp.stop() == 0
+        exp.cleanup()
+        gc.collect()
+        counts.append(len(os.listdir("/proc/self/fd")))
+    # The first cycle may create lasting lazily-made fds (an event loop).
+    assert counts[-1] <= counts[1], counts

@@ -156,3 +156,30 @@ def test_every_shipped_case_loads() -> None:
     specs, errors = load_all(Path(__file__).resolve().parent.parent / "cases")
     assert errors == []
     assert len(specs) >= 10
+
+
+def test_every_step_type_runs_in_every_mode() -> None:
+    """tools/check -file, -fuse and FUSE_OVER_IO_URING=1 -fuse each use every step
+    that their mode allows (kernel-param makes no sense without an export)."""
+    from harness.steps import STEPS
+
+    specs, _ = load_all(Path(__file__).resolve().parent.parent / "cases")
+    used: dict[tuple[str, str | None], set[str]] = {
+        ("file", None): set(),
+        ("fuse", "legacy"): set(),
+        ("fuse", "uring"): set(),
+    }
+    for spec in specs:
+        names = {s.name for s in spec.steps}
+        for s in spec.steps:
+            if s.name == "cycles":
+                names |= {next(iter(sub)) for sub in s.arg.get("steps", [])}
+        for inst in spec.instances():
+            if "slow" not in spec.groups:
+                used[(inst.mode, inst.transport)] |= names
+    for (mode, transport), names in used.items():
+        if mode == "fuse":
+            want = set(STEPS)
+        else:
+            want = {n for n, sd in STEPS.items() if not sd.export} - {"kernel-param"}
+        assert want - names == set(), f"{mode} {transport}: no case uses {want - names}"
