@@ -8,6 +8,9 @@ SPEC = {
     "id": "layout-tables",
     "description": "Ring queue ownership for possible CPUs 1..64 x queues 1..8 (no kernel needed)",
     "groups": ["quick", "layout"],
+    # Pure computation: no root, no /dev/fuse, no io_uring; one instance.
+    "requires": {"root": False, "dev-fuse": False},
+    "transports": ["legacy"],
 }
 
 POSSIBLE_CPUS = (1, 2, 3, 4, 8, 16, 64)

@@ -179,6 +179,12 @@ FUSE_DEV_IOC_CLONE = (2 << 30) | (4 << 16) | (229 << 8) | 0
 # io_uring commands (struct fuse_uring_cmd_req lives in the SQE's cmd area).
 FUSE_IO_URING_CMD_REGISTER = 1
 FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2
+URING_CMD_NAMES = {
+    FUSE_IO_URING_CMD_REGISTER: "REGISTER",
+    FUSE_IO_URING_CMD_COMMIT_AND_FETCH: "COMMIT_AND_FETCH",
+}
+# REGISTER's sqe->addr: struct iovec[2], the 288-byte header then the payload.
+URING_IOVEC2 = struct.Struct("=QQQQ")
 
 IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
 OUT_HEADER = struct.Struct("=IiQ")  # len error unique

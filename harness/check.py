@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import signal
 import sys
 import tempfile
 import threading
@@ -21,12 +22,14 @@ from pathlib import Path
 from .context import Instance
 from .exporter import OneLineParser
 from .fingerprint import collect, format_lines
+from .kernel import read_enable_uring, restore_enable_uring
 from .lifecycle import REPO, TRACKER
 from .report import write_json, write_junit
 from .runner import CASES_DIR, GOLDEN_DIR, Result, RunOptions, cleanup_live, run_instance
 from .spec import CaseSpec, load_all
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
+INTERRUPT_JOIN = 30.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,18 +95,42 @@ def status_line(r: Result, width: int) -> str:
     return f"{r.instance.id:<{width}} {r.status:<8} [{t0}] [{t1}] {r.elapsed:6.1f}s"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a CI job timeout, a closed terminal): clean up as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         return _main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         cleanup_live()
         TRACKER.cleanup_all()
         print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
-        return 130
+        return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
 
 
 def _main(argv: list[str] | None) -> int:
     ns = parse_args(argv)
+    initial = read_enable_uring()
+    try:
+        return _check(ns, argv)
+    finally:
+        restore_enable_uring(initial)
+
+
+def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     specs, errors = load_all(Path(ns.cases))
     if errors:
         for e in errors:
@@ -138,11 +165,11 @@ def _main(argv: list[str] | None) -> int:
         _run_all(chosen, opts, ns.jobs, width, ns.debug, results)
     finally:
         order = {inst.id: n for n, (_, inst) in enumerate(chosen)}
-        results.sort(key=lambda r: order[r.instance.id])
-        write_json(results_dir / "report.json", fp, [ns.mode, *(argv or sys.argv[1:])], results)
-        write_junit(results_dir / "junit.xml", fp, results)
+        done = sorted(list(results), key=lambda r: order[r.instance.id])
+        write_json(results_dir / "report.json", fp, [ns.mode, *(argv or sys.argv[1:])], done)
+        write_junit(results_dir / "junit.xml", fp, done)
         _remove_empty(scratch)
-    return _summary(results)
+    return _summary(done, len(chosen))
 
 
 def _run_all(
@@ -159,26 +186,46 @@ def _run_all(
     lock = threading.Lock()
     stop = threading.Event()
 
-    def worker() -> None:
+    def worker(finished: threading.Event) -> None:
+        try:
+            run_queue()
+        finally:
+            finished.set()
+
+    def run_queue() -> None:
         while not stop.is_set():
             try:
                 spec, inst = todo.get_nowait()
             except queue.Empty:
                 return
-            r = run_instance(spec, inst, opts)
+            try:
+                r = run_instance(spec, inst, opts)
+            except Exception as e:  # never let an instance vanish from the summary
+                r = Result(inst, "fail", f"harness error: {type(e).__name__}: {e}")
+                r.start = r.end = time.time()
             with lock:
                 results.append(r)
-                _print_result(r, width, debug)
+                if not stop.is_set():
+                    _print_result(r, width, debug)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
-    for t in threads:
-        t.start()
+    # Events, not Thread.join(): a join interrupted by Ctrl-C can make the
+    # next join return at once while the thread still runs.
+    finished = [threading.Event() for _ in range(jobs)]
+    for ev in finished:
+        threading.Thread(target=worker, args=(ev,), daemon=True).start()
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.1)
+        for ev in finished:
+            while not ev.wait(0.1):
+                pass
     except KeyboardInterrupt:
+        # A second signal must not cut the cleanup short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         stop.set()
+        cleanup_live()
+        deadline = time.monotonic() + INTERRUPT_JOIN
+        for ev in finished:  # each finishes its instance's cleanup, bounded
+            ev.wait(max(0.0, deadline - time.monotonic()))
         raise
 
 
@@ -195,11 +242,14 @@ def _print_result(r: Result, width: int, debug: bool) -> None:
     sys.stdout.flush()
 
 
-def _summary(results: list[Result]) -> int:
+def _summary(results: list[Result], expected: int) -> int:
     not_run = [r.instance.id for r in results if r.status == "not run"]
     failed = [r.instance.id for r in results if r.status == "fail"]
     n_run = len(results) - len(not_run)
     print()
+    if len(results) != expected:
+        print(f"Lost {expected - len(results)} instance(s): a harness bug")
+        return 1
     if not_run:
         print(f"Not run: {' '.join(not_run)}")
     if failed:

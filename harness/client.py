@@ -77,12 +77,15 @@ class ClientPool:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        self.closed = False
 
     def spawn(
         self, op: str, path: Path, *args: int | str, cpu: int | None = None
     ) -> subprocess.Popen[str]:
         from .lifecycle import REPO, child_env  # not needed by the child itself
 
+        if self.closed:
+            raise RuntimeError("client pool already cleaned up")
         argv = [sys.executable, "-m", "harness.client"]
         if cpu is not None:
             argv += ["--cpu", str(cpu)]
@@ -107,6 +110,7 @@ class ClientPool:
         return self.result(self.spawn(op, path, *args, cpu=cpu))
 
     def cleanup(self) -> None:
+        self.closed = True
         for p in self.procs:
             if p.poll() is None:
                 p.kill()

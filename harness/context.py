@@ -21,6 +21,14 @@ from .waiting import wait_until
 T = TypeVar("T")
 
 
+class NotRun(Exception):
+    """Raised by a Python case: a requirement found missing at run time."""
+
+
+class Cancelled(Exception):
+    """The instance timed out or was interrupted; its case thread must stop."""
+
+
 @dataclass(frozen=True)
 class Instance:
     """One concrete run of a case: the case, a transport or `file`, params."""
@@ -54,15 +62,33 @@ class CaseContext:
         self.workdir = workdir
         self.lines: list[str] = []
         self._lock = threading.Lock()
+        self._cleaning = threading.Lock()
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
         self.diagnostics: list[Callable[[], str]] = []
+        self.cancel_reason = ""
+        self._cancelled = threading.Event()
+
+    def cancel(self, reason: str) -> None:
+        """Stop the case thread at its next step (set before running cleanups,
+        so a thread they unblock starts nothing new)."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
+            self._cancelled.set()
+
+    def check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled(self.cancel_reason)
 
     def log(self, line: str = "") -> None:
         with self._lock:
             self.lines.extend(str(line).split("\n"))
 
     def defer(self, fn: Callable[[], None], what: str = "") -> None:
-        """Run fn at the end of the instance, whatever happens."""
+        """Run fn at the end of the instance, whatever happens.
+
+        Register before creating the resource; a cancelled instance refuses
+        (raises Cancelled) so nothing is created after its cleanups ran."""
+        self.check_cancelled()
         with self._lock:
             self._cleanups.append((what or getattr(fn, "__name__", "cleanup"), fn))
 
@@ -84,16 +110,20 @@ class CaseContext:
         return wait_until(condition, timeout, what, self.report)
 
     def run_cleanups(self) -> list[str]:
-        """Run (once) every deferred cleanup; return the errors they raised."""
-        with self._lock:
-            todo, self._cleanups = self._cleanups[::-1], []
-        errors = []
-        for what, fn in todo:
-            try:
-                fn()
-            except Exception as e:
-                errors.append(f"cleanup {what}: {type(e).__name__}: {e}")
-        return errors
+        """Run (once) every deferred cleanup; return the errors they raised.
+
+        A second caller (the runner, while Ctrl-C handling in another thread
+        is still removing the exporter) waits until those cleanups are done."""
+        with self._cleaning:
+            with self._lock:
+                todo, self._cleanups = self._cleanups[::-1], []
+            errors = []
+            for what, fn in todo:
+                try:
+                    fn()
+                except Exception as e:
+                    errors.append(f"cleanup {what}: {type(e).__name__}: {e}")
+            return errors
 
     @property
     def transcript(self) -> str:

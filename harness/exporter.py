@@ -21,6 +21,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -37,12 +38,13 @@ from .protocol import (
     ProtocolError,
     parse_classic,
 )
-from .qmp_server import QmpError, QmpServer
+from .qmp_server import QmpError, QmpServer, check_args
 from .transport import ConnectionGone, DevFuseQueue, Queue
 from .uring_transport import RingHalted, RingQueue
 
 FSTYPE = "fuse.fuse-iotests"
 INIT_TIMEOUT = 10.0
+READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
 
@@ -251,6 +253,13 @@ class Export:
             t = threading.Thread(target=self._serve, args=(q,), name=f"queue{q.index}", daemon=True)
             self.threads.append(t)
             t.start()
+        deadline = time.monotonic() + READY_TIMEOUT
+        for q in self.queues:
+            while not q.ready.wait(0.01):
+                if self.stopping.is_set():
+                    raise ExportError(f"Queue {q.index} failed to start: {self.stop_reason}")
+                if time.monotonic() > deadline:
+                    raise ExportError(f"Queue {q.index} not ready within {READY_TIMEOUT:.0f} s")
 
     def _serve(self, q: Queue) -> None:
         try:
@@ -378,15 +387,18 @@ class Export:
 
     def _qmp_commands(self) -> dict[str, Any]:
         def query_block_exports(args: dict[str, Any]) -> list[dict[str, Any]]:
+            check_args(args)
             return [self.info()]
 
         def block_export_del(args: dict[str, Any]) -> dict[str, Any]:
+            check_args(args, required=("id",), optional=("mode",))
             if args.get("id") != self.opts.export_id:
                 raise QmpError(f"Export '{args.get('id')}' is not found")
             self.request_stop("block-export-del")
             return {}
 
         def quit_(args: dict[str, Any]) -> dict[str, Any]:
+            check_args(args)
             self.request_stop("quit")
             return {}
 

@@ -75,3 +75,16 @@ def enable_uring_set_to(value: str) -> Iterator[None]:
             yield
         finally:
             write_param(ENABLE_URING, before)
+
+
+def read_enable_uring() -> str | None:
+    """enable_uring as it stands outside any serial case (which may hold N)."""
+    with kernel_lock(exclusive=False):
+        return read_param(ENABLE_URING)
+
+
+def restore_enable_uring(initial: str | None) -> None:
+    """Put back enable_uring=N if this run found it so and turned it on."""
+    if initial == "N" and read_param(ENABLE_URING) == "Y":
+        with kernel_lock(exclusive=True):
+            write_param(ENABLE_URING, "N")

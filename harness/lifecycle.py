@@ -9,7 +9,6 @@ we did not create.
 from __future__ import annotations
 
 import atexit
-import errno
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 from .backend import parse_size
 from .exporter import FSTYPE as EXPORTER_FSTYPE
-from .mount import find_mount, umount
+from .mount import find_mount, umount_or_detach
 from .waiting import WaitTimeout, kernel_stacks, wait_until
 
 START_TIMEOUT = 10.0
@@ -89,6 +88,9 @@ class ExporterProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.mount_id: int | None = None
         self._qmp: Any = None
+        self._cleaned = False
+        # A mount already on the mountpoint is never ours to remove.
+        self._mount_before: int | None = None
 
     def command(self) -> list[str]:
         return [
@@ -108,6 +110,10 @@ class ExporterProcess:
 
     def spawn(self) -> None:
         """Start the process; do not wait for it."""
+        if self._cleaned:
+            raise RuntimeError("exporter already cleaned up; not starting it")
+        before = find_mount(str(self.mountpoint))
+        self._mount_before = before.mount_id if before is not None else None
         TRACKER.add(self)
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
@@ -237,6 +243,7 @@ class ExporterProcess:
 
     def cleanup(self) -> list[str]:
         """Remove whatever is left; return what had to be removed."""
+        self._cleaned = True
         removed = []
         self.close_qmp()
         if self.proc is not None and self.returncode() is None:
@@ -250,19 +257,19 @@ class ExporterProcess:
                     self.proc.wait(STOP_TIMEOUT)
                 except subprocess.TimeoutExpired:
                     removed.append(f"UNKILLABLE pid {self.pid}:\n{kernel_stacks(self.pid)}")
-        if self.mount_id is None:
-            # Died before we saw the mount: ours only if it is our fstype.
+        if self.mount_id is None and self.proc is not None:
+            # Died before we saw the mount: ours only if it is our fstype and
+            # new (not, say, the live export a refused second one ran into).
             entry = find_mount(str(self.mountpoint))
-            if entry is not None and entry.fstype == EXPORTER_FSTYPE:
+            if (
+                entry is not None
+                and entry.fstype == EXPORTER_FSTYPE
+                and entry.mount_id != self._mount_before
+            ):
                 self.mount_id = entry.mount_id
         if self.mount_id is not None and self.is_mounted():
             removed.append(f"mount {self.mountpoint}")
-            try:
-                umount(str(self.mountpoint))
-            except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise
-                umount(str(self.mountpoint), lazy=True)
+            umount_or_detach(str(self.mountpoint))
         TRACKER.discard(self)
         return removed
 

@@ -8,6 +8,7 @@ table is authoritative (the flake behind the seed's `sleep 1`).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -85,3 +86,13 @@ def umount(target: str, lazy: bool = False) -> None:
     if _libc.umount2(target.encode(), flags):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
+
+
+def umount_or_detach(target: str) -> None:
+    """umount, or a lazy detach if a client still holds the mount (EBUSY)."""
+    try:
+        umount(target)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        umount(target, lazy=True)

@@ -27,7 +27,6 @@ import mmap
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -41,7 +40,7 @@ from .abi import Op
 from .errnos import errno_name
 from .layout import possible_cpus
 from .lifecycle import REPO, child_env
-from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount
+from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount_or_detach
 from .uring import Ring
 from .waiting import WaitTimeout, kernel_stacks, wait_until
 
@@ -60,11 +59,6 @@ QUIET = 0.3  # bound for showing that something does NOT happen
 # The kernel refuses /dev/fuse reads into buffers smaller than a maximal
 # WRITE; 1 MiB is the largest max_write (max_pages_limit 256).
 _READ_BUF = (1 << 20) + PAGE_SIZE
-_IOVEC2 = struct.Struct("=QQQQ")
-CMD_NAMES = {
-    abi.FUSE_IO_URING_CMD_REGISTER: "REGISTER",
-    abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH: "COMMIT_AND_FETCH",
-}
 
 
 class ProbeError(Exception):
@@ -141,9 +135,9 @@ class ProbeRing:
         size = self.probe.payload_size if payload_size is None else payload_size
         hsize = abi.URING_HEADER_SIZE
         mem = mmap.mmap(-1, hsize + size)
-        iovs = bytearray(_IOVEC2.size)
+        iovs = bytearray(abi.URING_IOVEC2.size)
         base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-        _IOVEC2.pack_into(iovs, 0, base, hsize, base + hsize, size)
+        abi.URING_IOVEC2.pack_into(iovs, 0, base, hsize, base + hsize, size)
         iov_addr = ctypes.addressof(ctypes.c_char.from_buffer(iovs))
         view = memoryview(mem)
         e = RingEntry(
@@ -159,7 +153,7 @@ class ProbeRing:
         self._submit(e, abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH, 0, 0, cid)
 
     def _submit(self, e: RingEntry, cmd: int, addr: int, length: int, commit_id: int) -> None:
-        e.cmd = CMD_NAMES[cmd]
+        e.cmd = abi.URING_CMD_NAMES[cmd]
         with self.probe.locked():
             fd = self.probe.dev_fd
             if self.sqe128:
@@ -552,12 +546,7 @@ class Probe:
         """Unmount our own mount (by mount id), lazily if a client still holds it."""
         if self.mount_id is None or self._unmounted():
             return
-        try:
-            umount(str(self.mountpoint))
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                raise
-            umount(str(self.mountpoint), lazy=True)
+        umount_or_detach(str(self.mountpoint))
         wait_until(self._unmounted, WAIT, f"{self.mountpoint} unmounted", self.report)
 
     def _unmounted(self) -> bool:

@@ -16,11 +16,26 @@ from typing import Any
 import pytest
 
 from .context import Instance
+from .kernel import read_enable_uring, restore_enable_uring
 from .runner import CASES_DIR, Result, RunOptions, run_instance
 from .spec import CaseSpec, SpecError, load_spec
 
 RESULTS = CASES_DIR.parent / "results" / "pytest"
 SCRATCH = Path(tempfile.gettempdir()) / "fuse-iotests.pytest"
+
+
+# enable_uring as the run found it: put back afterwards if the run set it.
+_ENABLE_URING = pytest.StashKey[str | None]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
+        config.stash[_ENABLE_URING] = read_enable_uring()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        restore_enable_uring(config.stash.get(_ENABLE_URING, None))
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> CaseFile | None:

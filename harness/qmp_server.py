@@ -27,6 +27,18 @@ class QmpError(Exception):
         self.klass = klass
 
 
+def check_args(
+    args: dict[str, Any], required: tuple[str, ...] = (), optional: tuple[str, ...] = ()
+) -> None:
+    """QEMU's argument checks, with QEMU's messages."""
+    for k in args:
+        if k not in required and k not in optional:
+            raise QmpError(f"Parameter '{k}' is unexpected")
+    for k in required:
+        if k not in args:
+            raise QmpError(f"Parameter '{k}' is missing")
+
+
 class _Client:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .context import CaseContext, Instance
+from .context import Cancelled, CaseContext, Instance, NotRun
 from .filters import FilterEnv, apply_filters
 from .golden import compare, find_reference
 from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
@@ -69,8 +69,9 @@ LIVE: set[CaseContext] = set()
 
 
 def cleanup_live() -> None:
+    """Ctrl-C: stop every running instance and remove what it created."""
     for ctx in list(LIVE):
-        ctx.run_cleanups()
+        stop_case(ctx, None, "interrupted")
 
 
 def uring_available() -> bool:
@@ -80,7 +81,10 @@ def uring_available() -> bool:
 def missing_requirement(spec: CaseSpec, inst: Instance) -> str | None:
     """Why this instance cannot run here, or None."""
     req = dict(spec.requires)
-    names = {s.name for s in spec.steps}
+    names = spec.step_names()
+    pins = [s.arg for s in spec.steps if s.name == "pin" and isinstance(s.arg, int)]
+    if pins:
+        req["cpus"] = max(req.get("cpus", 0), max(pins) + 1)
     if inst.mode == "fuse":
         req.setdefault("root", True)
         req.setdefault("dev-fuse", True)
@@ -97,6 +101,8 @@ def missing_requirement(spec: CaseSpec, inst: Instance) -> str | None:
             return f"{tool} not installed"
     if req.get("cpus", 0) > possible_cpus():
         return f"needs {req['cpus']} possible CPUs, this machine has {possible_cpus()}"
+    if "kernel-param" in names and read_param(ENABLE_URING) is None:
+        return f"{ENABLE_URING} missing: kernel without FUSE-over-io_uring (needs 6.14+)"
     if inst.transport == "uring" or req.get("uring"):
         return ensure_uring()
     return None
@@ -104,11 +110,10 @@ def missing_requirement(spec: CaseSpec, inst: Instance) -> str | None:
 
 @contextlib.contextmanager
 def _kernel_lock(spec: CaseSpec, inst: Instance) -> Iterator[str | None]:
-    """Serial cases hold the kernel lock exclusively, io_uring users shared."""
+    """Every instance holds the cross-process lock shared, a serial one
+    exclusively: it runs alone, to change kernel state or to count
+    process-wide resources."""
     uring = inst.transport == "uring" or spec.requires.get("uring")
-    if not spec.serial and not uring:
-        yield None
-        return
     with kernel_lock(exclusive=spec.serial):
         if uring and read_param(ENABLE_URING) != "Y":
             yield "enable_uring was changed by someone else"
@@ -133,11 +138,12 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     try:
         with _kernel_lock(spec, inst) as busy:
             try:
-                if busy:
-                    result.reason = busy
-                    return result
-                body, env = _prepare(spec, inst, ctx)
-                error = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
+                if not busy:
+                    env = FilterEnv(str(workdir), str(workdir), str(workdir))
+                    body, env = _prepare(spec, inst, ctx)
+                    error, busy = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
+            except Exception as e:  # a broken image or mountpoint: this instance fails
+                error = f"setting up the instance failed: {type(e).__name__}: {e}"
             finally:
                 # Under the lock: a cleanup may restore kernel state.
                 errors = ctx.run_cleanups()
@@ -145,6 +151,12 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
         LIVE.discard(ctx)
         result.exporter_stderr = _exporter_stderr(workdir)
         result.end = time.time()
+    if ctx.cancel_reason == "interrupted":
+        busy, error = "interrupted", ""
+    if busy and not error and not errors:
+        result.reason = busy
+        shutil.rmtree(workdir, ignore_errors=True)
+        return result
     left = _leftovers(workdir)
     if errors or left:
         error = "\n".join([error, *errors, *(f"left behind: {x}" for x in left)]).strip()
@@ -165,6 +177,12 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
             result.diff, result.bad = cmp.diff, str(cmp.bad)
     if result.status == "pass":
         shutil.rmtree(workdir, ignore_errors=True)
+    elif not left:  # keep it for inspection, with the results rather than in /tmp
+        kept = opts.results_dir / safe
+        shutil.rmtree(kept, ignore_errors=True)
+        opts.results_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(workdir, kept)
+        result.reason += f"\n(instance directory kept: {kept})"
     else:
         result.reason += f"\n(instance directory kept: {workdir})"
     return result
@@ -217,13 +235,24 @@ def _prepare(spec: CaseSpec, inst: Instance, ctx: CaseContext) -> tuple[Any, Fil
     return body, env
 
 
-def _run_with_timeout(body: Any, ctx: CaseContext, timeout: float) -> str:
-    """Run body in a worker thread; '' on success, else the failure report."""
+def _run_with_timeout(body: Any, ctx: CaseContext, timeout: float) -> tuple[str, str | None]:
+    """Run body in a worker thread: (failure report or '', not-run reason or None)."""
     outcome: dict[str, str] = {}
+    finished = threading.Event()  # see check._run_all: not Thread.join()
 
     def worker() -> None:
         try:
+            run_body()
+        finally:
+            finished.set()
+
+    def run_body() -> None:
+        try:
             body()
+        except NotRun as e:
+            outcome["not run"] = str(e)
+        except Cancelled:
+            pass  # the runner reports why
         except BaseException as e:  # reported, not raised, from the worker
             tb = traceback.format_exception(e)
             outcome["error"] = f"{type(e).__name__}: {e}\n" + "".join(tb[-3:]).rstrip()
@@ -231,19 +260,31 @@ def _run_with_timeout(body: Any, ctx: CaseContext, timeout: float) -> str:
     t = threading.Thread(target=worker, name=f"case {ctx.instance.id}", daemon=True)
     t.start()
     deadline = time.monotonic() + timeout
-    while t.is_alive() and time.monotonic() < deadline:
-        t.join(0.05)
-    if t.is_alive():
+    try:
+        while not finished.wait(0.05) and time.monotonic() < deadline:
+            pass
+    except KeyboardInterrupt:  # pytest's main thread: stop the case, then go
+        stop_case(ctx, finished, "interrupted")
+        raise
+    if not finished.is_set():
         report = [f"timed out after {timeout:.0f}s; transcript so far ends with:"]
         report += [f"  {line}" for line in ctx.lines[-5:]]
         report.append(ctx.report())
         report.append(_thread_report(t))
-        ctx.run_cleanups()  # unblocks the worker: the exporter and mount are gone
-        t.join(CLEANUP_JOIN)
-        if t.is_alive():
+        stop_case(ctx, finished, "timed out")
+        if not finished.is_set():
             report.append("the case thread is still stuck after cleanup")
-        return "\n".join(r for r in report if r)
-    return outcome.get("error", "")
+        return "\n".join(r for r in report if r), None
+    return outcome.get("error", ""), outcome.get("not run")
+
+
+def stop_case(ctx: CaseContext, finished: threading.Event | None, reason: str) -> None:
+    """Cancel, then clean up: removing the exporter and mount unblocks the case
+    thread, which stops at its next step; wait (bounded) for it."""
+    ctx.cancel(reason)
+    ctx.run_cleanups()
+    if finished is not None:
+        finished.wait(CLEANUP_JOIN)
 
 
 def _thread_report(t: threading.Thread) -> str:

@@ -45,7 +45,10 @@ EXPORT_OPTIONS: dict[str, type] = {
 }
 IMAGE_FILLS = ("offsets", "zero", "sparse")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-_REF = re.compile(r"\$\{?([a-z][a-z0-9_-]*)\}?")
+_REF = re.compile(r"\$\{?([A-Za-z][A-Za-z0-9_-]*)\}?")
+# Matrix values end up in instance ids, directory and golden file names.
+_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+RUNTIME_REFS = {"TARGET", "TEST_DIR", "IMAGE"}
 
 
 class SpecError(Exception):
@@ -138,6 +141,14 @@ class CaseSpec:
     @property
     def python(self) -> bool:
         return self.module is not None
+
+    def step_names(self) -> set[str]:
+        """Every step the case uses, including those inside cycles."""
+        names = {s.name for s in self.steps}
+        for s in self.steps:
+            if s.name == "cycles" and isinstance(s.arg, dict):
+                names |= {next(iter(sub)) for sub in s.arg.get("steps") or [] if sub}
+        return names
 
     def instances(self) -> list[Instance]:
         names = list(self.matrix)
@@ -283,6 +294,8 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
         spec.modes = c.str_list(data["modes"], line_of(data, "modes"), "modes", MODES)
     if "timeout" in data:
         spec.timeout = float(c.typed(data["timeout"], float, line_of(data, "timeout"), "timeout"))
+        if spec.timeout <= 0:
+            raise c.fail(line_of(data, "timeout"), "timeout must be positive")
     if "serial" in data:
         spec.serial = c.typed(data["serial"], bool, line_of(data, "serial"), "serial")
     if "golden" in data:
@@ -314,17 +327,17 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
                 name, arg = next(iter(raw.items()))
             else:
                 raise c.fail(ln, "a step is one 'name: argument' mapping or a bare name")
-            if name == "kernel-param" and not spec.serial:
-                raise c.fail(
-                    ln, "step 'kernel-param' changes kernel state: the case needs serial: true"
-                )
+            if name in ("kernel-param", "cycles") and not spec.serial:
+                raise c.fail(ln, f"step '{name}' needs the case to run alone: serial: true")
             spec.steps.append(Step(str(name), arg, ln))
+    if not python:
+        _check_names(c, spec)
     # Every matrix value must reach the case, and every $ref must be known.
     used = references([image, export, data.get("steps", [])])
     for name in spec.matrix:
         if name not in used and not python:
             raise c.fail(_matrix_line(data, name), f"matrix.{name} is never used (${name})")
-    for ref in sorted(used - set(spec.matrix) - {"TARGET", "TEST_DIR", "IMAGE"}):
+    for ref in sorted(used - set(spec.matrix) - RUNTIME_REFS):
         where = [line_of(data, k) for k in ("image", "export") if ref in references(data.get(k))]
         where += [s.line for s in spec.steps if ref in references(s.arg)]
         raise c.fail(where[0] if where else 1, f"unknown reference ${ref}")
@@ -358,6 +371,9 @@ def _matrix(c: _Checker, data: Any) -> tuple[dict[str, list[Any]], list[tuple[An
         for m in matrix:
             if list(m) != names:
                 raise c.fail(line_of(m), f"every combination must set {', '.join(names)}")
+        for m in matrix:
+            for n in names:
+                _check_value(c, m[n], line_of(m), n)
         combos = [tuple(m[n] for n in names) for m in matrix]
         if len(set(map(str, combos))) != len(combos):
             raise c.fail(ln, "the matrix repeats a combination")
@@ -370,8 +386,41 @@ def _matrix(c: _Checker, data: Any) -> tuple[dict[str, list[Any]], list[tuple[An
             raise c.fail(line_of(matrix, k), f"matrix.{k} must be a non-empty list")
         if len(set(map(str, vals))) != len(vals):
             raise c.fail(line_of(matrix, k), f"matrix.{k} has a repeated value")
+        for v in vals:
+            _check_value(c, v, line_of(matrix, k), str(k))
         out[str(k)] = list(vals)
     return out, None
+
+
+# Steps that define a name, and steps that refer to one.
+_DEFINES = {"hold": "rule", "fail": "rule", "background": "client"}
+_REFERS = {"wait": "client", "wait-held": "rule", "release": "rule"}
+
+
+def _check_names(c: _Checker, spec: CaseSpec) -> None:
+    """Names must be defined before use; export steps need a running export."""
+    from .steps import STEPS
+
+    defined: dict[str, set[str]] = {"rule": set(), "client": set()}
+    exported = spec.export.get("start", True) is not False or "fuse" not in spec.modes
+    for step in spec.steps:
+        arg = step.arg
+        if step.name in _DEFINES and isinstance(arg, dict) and "name" in arg:
+            defined[_DEFINES[step.name]].add(str(arg["name"]))
+        kind = _REFERS.get(step.name)
+        if step.name == "wait-held" and isinstance(arg, dict):
+            arg = arg.get("name")
+        if kind and arg != "all" and str(arg) not in defined[kind]:
+            raise c.fail(step.line, f"step '{step.name}': no earlier step defines {kind} {arg!r}")
+        if step.name == "start-export":
+            exported = True
+        elif STEPS.get(step.name) and STEPS[step.name].export and not exported:
+            raise c.fail(step.line, f"step '{step.name}' needs an export: export.start is false")
+
+
+def _check_value(c: _Checker, v: Any, line: int, name: str) -> None:
+    if isinstance(v, dict | list) or not _VALUE.match(str(v)):
+        raise c.fail(line, f"matrix.{name}: {v!r} must be a plain word or number")
 
 
 def _matrix_line(data: Any, name: str) -> int:
@@ -384,6 +433,8 @@ def _check_block(c: _Checker, block: dict[str, Any], kinds: dict[str, type], nam
 
     for k, v in block.items():
         c.typed(v, kinds[k], line_of(block, k), f"{name}.{k}")
+        if k in ("queues", "ring-depth") and v < 1:
+            raise c.fail(line_of(block, k), f"{name}.{k} must be at least 1")
         if k in ("size", "max-write", "null"):
             try:
                 parse_size(str(v))

@@ -9,6 +9,7 @@ and ours, and `-file` and `-fuse` instances produce the same transcript.
 from __future__ import annotations
 
 import errno as errno_mod
+import gc
 import json
 import mmap
 import os
@@ -79,6 +80,42 @@ def integer(v: Any) -> int:
     return v
 
 
+def positive(v: Any) -> int:
+    if integer(v) < 1:
+        raise ValueError(f"{v!r} is not a positive integer")
+    return int(v)
+
+
+def cpu_number(v: Any) -> int:
+    if integer(v) < 0:
+        raise ValueError(f"{v!r} is not a CPU number")
+    return int(v)
+
+
+def qid_list(v: Any) -> list[int]:
+    if not isinstance(v, list):
+        raise ValueError("qids must be a list of ring queue numbers")
+    return [cpu_number(x) for x in v]
+
+
+def byte(v: Any) -> int:
+    if not 0 <= integer(v) <= 255:
+        raise ValueError(f"{v!r} is not a byte (0..255)")
+    return int(v)
+
+
+def mapping(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError(f"{v!r} is not a mapping")
+    return dict(v)
+
+
+def step_list(v: Any) -> list[dict[str, Any]]:
+    if not isinstance(v, list) or not all(isinstance(x, dict) and len(x) == 1 for x in v):
+        raise ValueError("must be a list of 'name: argument' steps")
+    return list(v)
+
+
 def text(v: Any) -> str:
     if not isinstance(v, str | int | float) or isinstance(v, bool):
         raise ValueError(f"{v!r} is not a string")
@@ -145,8 +182,8 @@ REGION_FIELDS = {"offset": (size, True), "length": (size, True), "pattern": (pat
 EXPORT_FIELDS = {
     "writable": (boolean, False),
     "growable": (boolean, False),
-    "queues": (integer, False),
-    "ring-depth": (integer, False),
+    "queues": (positive, False),
+    "ring-depth": (positive, False),
     "max-write": (text, False),
     "io-uring": (choice("on", "off", "auto"), False),
 }
@@ -167,7 +204,7 @@ def convert_fields(arg: Any, fields: Fields) -> dict[str, Any]:
         if k in arg:
             try:
                 out[k] = conv(arg[k])
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise ValueError(f"{k}: {e}") from None
         elif required:
             raise ValueError(f"missing argument '{k}'")
@@ -223,11 +260,9 @@ def check_step(name: str, arg: Any, inst: Instance) -> None:
     sd.convert(arg)
     if name == "cycles":
         for sub in arg.get("steps", []):
-            if not isinstance(sub, dict) or len(sub) != 1:
-                raise ValueError("cycles.steps: each step is one 'name: argument' mapping")
             (sub_name, sub_arg), *_ = sub.items()
-            if sub_name == "cycles":
-                raise ValueError("cycles cannot nest")
+            if sub_name in ("cycles", "kernel-param", "start-export"):
+                raise ValueError(f"'{sub_name}' cannot run inside cycles")
             check_step(sub_name, sub_arg, inst)
 
 
@@ -295,7 +330,7 @@ class Session:
     rules: dict[str, str] = field(default_factory=dict)
     filter_env: FilterEnv | None = None
     cpu: int | None = None
-    pinned: bool = False  # affinity changed; restored by a cleanup
+    unpinned: set[int] | None = None  # the case thread's CPUs before `pin`
 
     def __post_init__(self) -> None:
         self.ctx.defer(self.clients.cleanup, "background clients")
@@ -312,6 +347,7 @@ class Session:
 
     def run_steps(self, steps: list[tuple[str, Any]]) -> None:
         for name, arg in steps:
+            self.ctx.check_cancelled()
             sd = STEPS[name]
             sd.run(self, sd.convert(arg))
 
@@ -328,7 +364,17 @@ class Session:
 
     def start_export(self) -> None:
         assert self.export_args is not None
-        self.exporter = self.new_exporter(self.export_args).start()
+        self.exporter = self.launch(self.new_exporter(self.export_args))
+
+    def launch(self, exp: ExporterProcess) -> ExporterProcess:
+        """Start an exporter with the case thread's own CPUs, not a `pin`."""
+        if self.cpu is None or self.unpinned is None:
+            return exp.start()
+        os.sched_setaffinity(0, self.unpinned)
+        try:
+            return exp.start()
+        finally:
+            os.sched_setaffinity(0, {self.cpu})
 
     def need_exporter(self) -> ExporterProcess:
         if self.exporter is None:
@@ -593,7 +639,7 @@ ARG_KEYS = ("offset", "length", "pattern")  # the client's positional arguments
         "op": (choice(*CLIENT_OPS), True),
         "offset": (size, False),
         "length": (size, False),
-        "pattern": (integer, False),
+        "pattern": (byte, False),
     },
     export=False,
 )
@@ -694,7 +740,7 @@ def _wait_exit(s: Session, _: None) -> None:
         s.log(f"exporter exited with status {code}")
 
 
-@step("qmp", {"execute": (text, True), "arguments": (lambda v: dict(v), False)}, export=True)
+@step("qmp", {"execute": (text, True), "arguments": (mapping, False)}, export=True)
 def _qmp(s: Session, a: dict[str, Any]) -> None:
     """Send a command on the control socket; print the response as iotests does."""
     resp = s.need_exporter().qmp().cmd_raw(a["execute"], a.get("arguments"))
@@ -750,7 +796,7 @@ def _start_export(s: Session, a: dict[str, Any]) -> None:
     args = _with_options(s.export_args, a)
     exp = s.new_exporter(args)
     try:
-        exp.start()
+        s.launch(exp)
     except RuntimeError:
         code = exp.returncode()
         last = (exp.stderr().strip().splitlines() or ["<no output>"])[-1]
@@ -784,20 +830,21 @@ def _resources(pid: int) -> tuple[int, int]:
 
 @step(
     "cycles",
-    {"count": (integer, True), "steps": (lambda v: list(v), False)},
+    {"count": (positive, True), "steps": (step_list, False)},
     export=True,
 )
 def _cycles(s: Session, a: dict[str, Any]) -> None:
     """Stop and restart the export count times, running steps in each cycle.
 
     Prints the cycle transcript once if every cycle printed the same, and
-    whether the exporter's fd and thread counts were the same in every cycle.
-    (The harness's own fds are process-wide and shared with -j neighbours,
-    so they are checked by a unit test instead.)
+    whether the exporter's and the harness's fd and thread counts stayed the
+    same.  The harness's counts are process-wide, so a case with cycles must
+    be serial (it then runs alone).
     """
     assert s.export_args is not None
     subs = [next(iter(d.items())) for d in a.get("steps", [])]
-    outputs, exporter_res = [], set()
+    outputs: list[list[str]] = []
+    exporter_res, own_res = set(), []
     for _ in range(a["count"]):
         if s.exporter is not None and s.exporter.returncode() is None:
             s.exporter.stop(IO_TIMEOUT)
@@ -811,6 +858,8 @@ def _cycles(s: Session, a: dict[str, Any]) -> None:
         exp.cleanup()
         outputs.append(s.ctx.lines[mark:])
         del s.ctx.lines[mark:]
+        gc.collect()  # closed-but-unreferenced objects are not leaks
+        own_res.append(_resources(os.getpid()))
     s.exporter = None
     env = s.filter_env
     if env is not None:  # compare what the golden file would see
@@ -824,28 +873,30 @@ def _cycles(s: Session, a: dict[str, Any]) -> None:
         s.log("exporter fds and threads: the same in every cycle")
     else:
         s.log(f"exporter (fds, threads) VARIED: {sorted(exporter_res)}")
+    # After the first cycle (which may create lasting lazy state, such as an
+    # event loop) nothing may grow; valid because the case is serial.
+    if len(set(own_res[1:])) <= 1:
+        s.log("harness fds and threads: the same after every cycle")
+    else:
+        s.log(f"harness (fds, threads) GREW: {own_res}")
 
 
-@step("pin", scalar=lambda v: None if v is None else integer(v), optional=True, metavar="CPU")
+@step("pin", scalar=lambda v: None if v is None else cpu_number(v), optional=True, metavar="CPU")
 def _pin(s: Session, cpu: int | None) -> None:
-    """Pin this case's I/O (and later background clients) to one CPU."""
-    if cpu is None:
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-        s.cpu = None
-        s.log("unpinned")
-        return
-    if not s.pinned:
-        before = os.sched_getaffinity(0)
-        s.ctx.defer(lambda: os.sched_setaffinity(0, before), "unpin")
-        s.pinned = True
-    os.sched_setaffinity(0, {cpu})
+    """Pin this case's I/O (and later background clients, dd, fio) to one CPU.
+
+    Only the case thread is pinned, and it ends with the instance; exporters
+    are started unpinned (Session.launch)."""
+    if s.unpinned is None:
+        s.unpinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, s.unpinned if cpu is None else {cpu})
     s.cpu = cpu
-    s.log(f"pinned to CPU {cpu}")
+    s.log("unpinned" if cpu is None else f"pinned to CPU {cpu}")
 
 
 @step(
     "show",
-    {"what": (choice(*SHOW), True), "ops": (ops, False)},
+    {"what": (choice(*SHOW), True), "ops": (ops, False), "qids": (qid_list, False)},
     export=True,
 )
 def _show(s: Session, a: dict[str, Any]) -> None:
@@ -861,8 +912,13 @@ def _show(s: Session, a: dict[str, Any]) -> None:
         s.log(f"payload-size={info['payload-size']} transport={info['transport']}")
     elif what == "layout":
         s.log(f"cpus={info.get('possible-cpus', 0)} queues={len(info['queues'])}")
+        layout = info.get("ring-layout", [])
+        if "qids" in a:  # just these ring queues: the same on any CPU count
+            for r in (r for r in layout if r["qid"] in a["qids"]):
+                s.log(f"ring queue {r['qid']}: queue {r['queue']}, depth {r['depth']}")
+            return
         owned: dict[int, list[int]] = {q["index"]: [] for q in info["queues"]}
-        for r in info.get("ring-layout", []):
+        for r in layout:
             owned[r["queue"]].append(r["qid"])
         for q, qids in owned.items():
             s.log(f"queue {q}: ring queues {qids or 'none (idle)'}")

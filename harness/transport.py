@@ -55,6 +55,9 @@ class Queue:
         self.requests = 0
         self.per_op = [0] * 64
         self.stalled = False
+        # Set once the queue can take requests (for io_uring: every ring
+        # entry registered); the exporter writes its pidfile only then.
+        self.ready = threading.Event()
         self._ready: collections.deque[Deferred] = collections.deque()
         self._wake_lock = threading.Lock()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -248,6 +251,7 @@ class DevFuseQueue(Queue):
         poller = select.poll()
         poller.register(self.channel.fd, select.POLLIN)
         poller.register(self.wake_fd, select.POLLIN)
+        self.ready.set()
         while not self.stopping.is_set():
             for fd, events in poller.poll():
                 if fd == self.wake_fd:

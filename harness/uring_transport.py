@@ -19,7 +19,6 @@ import errno
 import mmap
 import os
 import select
-import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -32,15 +31,10 @@ from .protocol import ExportHandler, Request
 from .transport import DEFERRED, ConnectionGone, DevFuseChannel, Queue
 from .uring import Ring
 
-_IOVEC2 = struct.Struct("=QQQQ")
 # user_data of the two polls; entries use their index.
 _WAKE = 1 << 62
 _DEV = _WAKE + 1
 REGISTER_RETRIES = 100
-_CMD_NAMES = {
-    abi.FUSE_IO_URING_CMD_REGISTER: "REGISTER",
-    abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH: "COMMIT_AND_FETCH",
-}
 
 
 class RingHalted(Exception):
@@ -99,13 +93,13 @@ class RingQueue(Queue):
         stride = header + self.payload_size
         stride += -stride % 64
         self._mem = mmap.mmap(-1, max(1, n * stride))
-        self._iovs = bytearray(max(1, n) * _IOVEC2.size)
+        self._iovs = bytearray(max(1, n) * abi.URING_IOVEC2.size)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
         iov_base = ctypes.addressof(ctypes.c_char.from_buffer(self._iovs))
         view = memoryview(self._mem)
         for i in range(n):
             off = i * stride
-            _IOVEC2.pack_into(
+            abi.URING_IOVEC2.pack_into(
                 self._iovs, i * 16 * 2, base + off, header, base + off + header, self.payload_size
             )
             self.entries.append(
@@ -151,6 +145,10 @@ class RingQueue(Queue):
             if self.poll_dev:
                 self._channel = DevFuseChannel(self.fd, self.payload_size)
                 self.ring.prep_poll_add(self.fd, select.POLLIN, _DEV)
+            # REGISTER runs inline in io_uring_enter: once submitted, every
+            # entry waits in the kernel.
+            self.ring.submit()
+            self.ready.set()
             self._loop()
         finally:
             # Closing the ring cancels the pending commands (the kernel
@@ -195,7 +193,7 @@ class RingQueue(Queue):
                 e.retries += 1
                 self._submit_cmd(e, e.last_cmd)
                 return
-            name = _CMD_NAMES[e.last_cmd]
+            name = abi.URING_CMD_NAMES[e.last_cmd]
             raise RingHalted(f"{name} on qid {e.qid} failed: {errno_name(err)}: {os.strerror(err)}")
         e.retries = 0
         hdr = e.header

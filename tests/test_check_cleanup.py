@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
+
 from harness.lifecycle import REPO, child_env
-from harness.mount import mount_table
+from harness.mount import mount_table, umount
 from harness.waiting import wait_until
 
 STUCK = """\
@@ -22,6 +27,19 @@ steps:
   - echo: "about to block"
   - read: {{offset: 0, length: 4k}}
 """
+
+
+def _exporters_of(case: str) -> list[int]:
+    """Exporter processes still serving this case's instances."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"harness.exporter" in cmdline and f"/{case}-legacy.".encode() in cmdline:
+            pids.append(int(pid))
+    return pids
 
 
 def _suite(tmp_path: Path, case: str, timeout: int) -> list[str]:
@@ -58,28 +76,45 @@ def test_timeout_reports_stderr_and_stacks_then_cleans_up(tmp_path: Path) -> Non
     assert "about to block" in out  # the transcript so far
     assert "exporter stderr (tail):" in out
     assert "kernel stacks of exporter" in out
-    assert "case thread, kernel stack:" in out
-    assert "fuse" in out  # the case thread is blocked in the FUSE request path
+    stack = out.split("case thread, kernel stack:", 1)[1]
+    assert "request_wait_answer" in stack  # blocked in the FUSE request path
     assert _mounts_of("stuck-timeout") == []
 
 
-def test_ctrl_c_removes_exporters_and_mounts(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status: int) -> None:
+    """Ctrl-C (or a CI job's SIGTERM) while an instance is blocked in a FUSE read."""
+    # Unique: the test looks for this instance's directory among all of /tmp.
+    case = f"stuck-{signal.Signals(sig).name.lower()}-{os.getpid()}"
     proc = subprocess.Popen(
-        _suite(tmp_path, "stuck-interrupt", 60),
+        _suite(tmp_path, case, 60),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=child_env(),
+        # As from a terminal: pytest-xdist workers run with SIGINT ignored,
+        # and a process that starts with it ignored keeps ignoring it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        wait_until(lambda: _mounts_of("stuck-interrupt"), 20, "the stuck case's mount")
-        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: _mounts_of(case), 20, "the stuck case's mount")
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130
+            # Ours (the case name is unique): detaching makes the exporter exit.
+            for mp in _mounts_of(case):
+                umount(mp, lazy=True)
+    assert proc.returncode == status, err
     assert "Interrupted" in err
-    assert _mounts_of("stuck-interrupt") == []
+    assert _mounts_of(case) == []
+    assert _exporters_of(case) == []
+    # The interrupted instance is "not run": its directory is gone too.
+    assert not list(Path(tempfile.gettempdir()).glob(f"fuse-iotests.*/{case}-legacy.*"))
+    report = json.loads((tmp_path / "res" / "report.json").read_text())
+    assert [(r["id"], r["status"], r["reason"]) for r in report["results"]] == [
+        (f"{case}[legacy]", "not run", "interrupted")
+    ]

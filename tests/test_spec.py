@@ -99,6 +99,45 @@ def test_instance_id_without_params() -> None:
         ("groups:", "transports: [legacy, carrier-pigeon]\ngroups:", "unknown value 'carrier"),
         ("groups:", "description: again\ngroups:", ":4: duplicate key 'description'"),
         ("steps:", "steps: [\n", ": YAML: "),
+        (
+            "  - read:",
+            "  - qmp: {execute: quit, arguments: 5}\n  - read:",
+            ":10: step 'qmp': arguments",
+        ),
+        (
+            "  - read:",
+            "  - wait: nobody\n  - read:",
+            ":10: step 'wait': no earlier step defines client",
+        ),
+        (
+            "  - read:",
+            "  - release: h9\n  - read:",
+            ":10: step 'release': no earlier step defines rule",
+        ),
+        (
+            "  - read:",
+            "  - cycles: {count: 2}\n  - read:",
+            ":10: step 'cycles' needs the case to run alone",
+        ),
+        (
+            "  - read:",
+            "  - kernel-param: {enable_uring: N}\n  - read:",
+            ":10: step 'kernel-param' needs",
+        ),
+        ("groups:", "timeout: 0\ngroups:", ":4: timeout must be positive"),
+        ("export: {", "export: {queues: 0, ", ":7: export.queues must be at least 1"),
+        ("[false, true]", "[false, a/b]", ":6: matrix.growable: 'a/b' must be a plain word"),
+        ("[false, true]", "[false, {x: 1}]", ":6: matrix.growable: {'x': 1} must be a plain word"),
+        (
+            "pattern: 0xab}\n  - read",
+            "pattern: 0xab}\n  - dd: of=$TARGT\n  - read",
+            ":10: unknown reference $TARGT",
+        ),
+        (
+            "  - read:",
+            "  - background: {name: b, op: pwrite, pattern: 300}\n  - read:",
+            "pattern: 300 is not a byte",
+        ),
     ],
 )
 def test_bad_specs_name_file_and_line(tmp_path: Path, old: str, new: str, expected: str) -> None:
@@ -183,3 +222,20 @@ def test_every_step_type_runs_in_every_mode() -> None:
         else:
             want = {n for n, sd in STEPS.items() if not sd.export} - {"kernel-param"}
         assert want - names == set(), f"{mode} {transport}: no case uses {want - names}"
+
+
+def test_cycles_cannot_hold_kernel_param(tmp_path: Path) -> None:
+    text = GOOD.replace("groups:", "serial: true\ngroups:").replace(
+        "  - read:", "  - cycles: {count: 2, steps: [{kernel-param: {enable_uring: N}}]}\n  - read:"
+    )
+    assert "'kernel-param' cannot run inside cycles" in error_of(tmp_path, text)
+
+
+def test_export_steps_need_a_started_export(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "export: {growable: $growable}", "export: {growable: $growable, start: false}"
+    )
+    text = text.replace("  - read:", "  - signal: TERM\n  - read:")
+    assert ":10: step 'signal' needs an export: export.start is false" in error_of(tmp_path, text)
+    text = text.replace("  - signal: TERM", "  - start-export\n  - signal: TERM")
+    assert load_spec(write_case(tmp_path, text)).step_names() >= {"start-export", "signal"}

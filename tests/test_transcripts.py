@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -21,7 +22,6 @@ ENV = FilterEnv("/tmp/x/inst", "/tmp/x/inst/disk.fuse", "/tmp/x/inst/disk.img")
 
 FILTER_CASES = [
     ("df: /tmp/x/inst/disk.fuse: gone", "df: TEST_IMG: gone"),
-    ("qemu-io /tmp/x/inst/disk.img", "qemu-io TEST_IMG"),
     ("see /tmp/x/inst/export0/qmp.sock", "see TEST_DIR/export0/qmp.sock"),
     (
         "4 KiB, 1 ops; 00.00 sec (6.852 MiB/sec and 1754.2105 ops/sec)",
@@ -33,6 +33,7 @@ FILTER_CASES = [
     ),
     ("exporter pid 4242 stuck", "exporter pid PID stuck"),
     ("kernel: protocol 7.45", "kernel: protocol 7.MINOR"),
+    ("reply: protocol 7.45 INIT_EXT", "reply: protocol 7.MINOR INIT_EXT"),
     ("cpus=64 queues=2", "cpus=NCPUS queues=2"),
     ("client: error ECONNABORTED", "client: error ENOTCONN|ECONNABORTED"),
     ("client: error ENOTCONN", "client: error ENOTCONN|ECONNABORTED"),
@@ -41,6 +42,14 @@ FILTER_CASES = [
         "kernel offers: ASYNC_READ INIT_EXT OVER_IO_URING",
     ),
     ("wrote 4096/4096 bytes at offset 0", "wrote 4096/4096 bytes at offset 0"),
+    # What the filters must leave alone:
+    ("export: queue 0: all ring entries ended with ENOTCONN",) * 2,
+    ("umount: ENOTCONN",) * 2,
+    ("queue 1: WRITE=2 possible cpus 2",) * 2,
+    ("reply protocol is 7.45",) * 2,
+    ("data 65536+65536",) * 2,
+    # With -fuse the image itself is not the target.
+    ("see /tmp/x/inst/disk.img", "see TEST_DIR/disk.img"),
 ]
 
 
@@ -138,18 +147,67 @@ def test_check_passes_and_writes_json_and_junit(suite: Path) -> None:
     assert junit.get("tests") == "1" and junit.get("failures") == "0"
 
 
-def test_changed_golden_line_fails_with_out_bad_and_diff(suite: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "env", "instance"),
+    [
+        (["-file"], {}, "rw-patterns-file"),
+        (["-fuse"], {}, "rw-patterns-legacy"),
+        pytest.param(
+            ["-fuse"], {"FUSE_OVER_IO_URING": "1"}, "rw-patterns-uring", marks=pytest.mark.uring
+        ),
+    ],
+    ids=["file", "legacy", "uring"],
+)
+def test_changed_golden_line_fails_with_out_bad_and_diff(
+    suite: Path, args: list[str], env: dict[str, str], instance: str
+) -> None:
     golden = suite / "golden" / "rw-patterns.out"
     golden.write_text(golden.read_text().replace("size=1048576", "size=1048577"))
-    res = check(suite, "-file")
+    res = check(suite, *args, env=env)
     assert res.returncode == 1
-    bad = suite / "res" / "rw-patterns-file.out.bad"
+    bad = suite / "res" / f"{instance}.out.bad"
     assert "size=1048576" in bad.read_text()
     assert "-size=1048577\n+size=1048576\n" in res.stdout
-    assert "rw-patterns[file]" in res.stdout.splitlines()[-2]  # Failures: ...
+    assert res.stdout.splitlines()[-2].startswith("Failures: rw-patterns[")
     assert res.stdout.splitlines()[-1] == "Failed 1 of 1 iotests"
     junit = ET.parse(suite / "res" / "junit.xml").getroot()
     assert junit.get("failures") == "1"
+
+
+def test_parallel_jobs_pass_in_their_own_directories(suite: Path) -> None:
+    for case in ("rw-seek", "race-kill", "eof-dd"):
+        shutil.copy(REPO / "cases" / f"{case}.yaml", suite / "cases")
+    for golden in (REPO / "golden").glob("*.out"):
+        if golden.name.startswith(("rw-seek", "race-kill", "eof-dd")):
+            shutil.copy(golden, suite / "golden")
+    res = check(suite, "-fuse", "-j", "2")
+    assert res.returncode == 0, res.stdout
+    report = json.loads((suite / "res" / "report.json").read_text())
+    assert [r["id"] for r in report["results"]] == [
+        "eof-dd[legacy-growable=off]",
+        "eof-dd[legacy-growable=on]",
+        "race-kill[legacy]",
+        "rw-patterns[legacy]",
+        "rw-seek[legacy]",
+    ]
+    assert {r["status"] for r in report["results"]} == {"pass"}
+    # Overlapping instances: some started before another ended.
+    spans = sorted((r["start"], r["end"]) for r in report["results"])
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+
+
+def test_debug_shows_the_exporters_stderr(suite: Path) -> None:
+    shutil.copy(REPO / "cases" / "negotiation-disabled.yaml", suite / "cases")
+    shutil.copy(REPO / "golden" / "negotiation-disabled.out", suite / "golden")
+    quiet = check(suite, "-fuse", "negotiation-disabled")
+    assert quiet.returncode == 0, quiet.stdout
+    assert "    | " not in quiet.stdout
+    res = check(suite, "-fuse", "-d", "negotiation-disabled")
+    assert res.returncode == 0, res.stdout
+    assert "    | export: System doesn't support FUSE-over-io_uring" in res.stdout
+    assert (
+        "    | warning: FUSE-over-io_uring not offered by the kernel; using /dev/fuse" in res.stdout
+    )
 
 
 def test_regen_rewrites_the_golden(suite: Path) -> None:
@@ -202,3 +260,19 @@ def test_missing_requirement_is_not_run(suite: Path) -> None:
     assert "needs 4096 possible CPUs" in res.stdout
     assert "Not run: rw-patterns[file]" in res.stdout
     assert res.stdout.splitlines()[-1] == "Passed all 0 iotests"
+
+
+def test_python_case_can_report_not_run(suite: Path) -> None:
+    (suite / "cases" / "pyprobe.py").write_text(
+        '"""A Python case that finds a requirement missing at run time."""\n\n'
+        "# Guards: nothing; a test fixture.\n"
+        "from harness.context import NotRun\n\n"
+        "SPEC = {'id': 'pyprobe', 'description': 'd', 'groups': ['quick'], 'modes': ['file']}\n\n\n"
+        "def run(ctx):\n"
+        "    ctx.log('checking')\n"
+        "    raise NotRun('the widget is missing')\n"
+    )
+    res = check(suite, "-file", "pyprobe")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "pyprobe[file]  not run" in res.stdout
+    assert "    the widget is missing" in res.stdout
