@@ -17,6 +17,7 @@ from . import __version__, abi
 from .kernel import ENABLE_URING, IO_URING_DISABLED, read_param
 from .layout import possible_cpu_ids
 from .lifecycle import REPO
+from .mount import mount_table
 
 
 def _git_revision() -> str:
@@ -59,8 +60,24 @@ def _probe_init() -> dict[str, Any]:
     }
 
 
+def _filesystem_of(path: str) -> str:
+    """The fs type under the instances' images: SEEK_HOLE and punch-hole
+    granularity, which the rw cases print, come from it."""
+    best = max(
+        (
+            e
+            for e in mount_table()
+            if path == e.mountpoint or path.startswith(e.mountpoint.rstrip("/") + "/")
+        ),
+        key=lambda e: len(e.mountpoint),
+        default=None,
+    )
+    return best.fstype if best else "unknown"
+
+
 def collect() -> dict[str, Any]:
     cpus = possible_cpu_ids()
+    scratch = tempfile.gettempdir()
     return {
         "kernel": os.uname().release,
         "fuse": _probe_init(),
@@ -70,6 +87,7 @@ def collect() -> dict[str, Any]:
         "possible_cpu_list": ",".join(map(str, cpus)),
         "exporter": f"harness.exporter {__version__} ({_git_revision()})",
         "qemu_storage_daemon": _qsd_version(),
+        "scratch": f"{scratch} ({_filesystem_of(os.path.realpath(scratch))})",
     }
 
 
@@ -88,4 +106,5 @@ def format_lines(fp: dict[str, Any]) -> list[str]:
         f"CPUS         -- {fp['possible_cpus']} possible ({fp['possible_cpu_list']})",
         f"EXPORTER     -- {fp['exporter']}",
         f"QSD          -- {fp['qemu_storage_daemon']}",
+        f"SCRATCH      -- {fp['scratch']}",
     ]

@@ -136,7 +136,8 @@ def test_check_passes_and_writes_json_and_junit(suite: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("KERNEL       -- ")
-    assert any(line.startswith("FUSE         -- ") for line in lines)
+    assert any(line.startswith("FUSE         -- protocol 7.") for line in lines)
+    assert any(line.startswith("SCRATCH      -- ") for line in lines)
     assert any(line.startswith("rw-patterns[file]") and " pass " in line for line in lines)
     assert lines[-1] == "Passed all 1 iotests"
     report = json.loads((suite / "res" / "report.json").read_text())
