@@ -42,9 +42,10 @@ def _exporters_of(case: str) -> list[int]:
     return pids
 
 
-def _suite(tmp_path: Path, case: str, timeout: int) -> list[str]:
+def _suite(tmp_path: Path, case: str | list[str], timeout: int) -> list[str]:
     (tmp_path / "cases").mkdir()
-    (tmp_path / "cases" / f"{case}.yaml").write_text(STUCK.format(case=case, timeout=timeout))
+    for c in [case] if isinstance(case, str) else case:
+        (tmp_path / "cases" / f"{c}.yaml").write_text(STUCK.format(case=c, timeout=timeout))
     return [
         sys.executable, "-m", "harness.check", "--cases", str(tmp_path / "cases"),
         "--golden", str(tmp_path / "golden"), "--results", str(tmp_path / "res"),
@@ -117,4 +118,36 @@ def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status
     report = json.loads((tmp_path / "res" / "report.json").read_text())
     assert [(r["id"], r["status"], r["reason"]) for r in report["results"]] == [
         (f"{case}[legacy]", "not run", "interrupted")
+    ]
+
+
+def test_interrupt_with_parallel_jobs(tmp_path: Path) -> None:
+    """-j 2, both instances blocked in a FUSE read: both are stopped and removed."""
+    cases = [f"stuck-jobs-{os.getpid()}-{x}" for x in "ab"]
+    proc = subprocess.Popen(
+        [*_suite(tmp_path, cases, 60), "-j", "2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_until(lambda: all(_mounts_of(c) for c in cases), 20, "both cases' mounts")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            for c in cases:
+                for mp in _mounts_of(c):
+                    umount(mp, lazy=True)
+    assert proc.returncode == 130, err
+    for c in cases:
+        assert _mounts_of(c) == [] and _exporters_of(c) == []
+    report = json.loads((tmp_path / "res" / "report.json").read_text())
+    assert [(r["id"], r["status"]) for r in report["results"]] == [
+        (f"{c}[legacy]", "not run") for c in cases
     ]
