@@ -14,16 +14,16 @@ from typing import Any
 
 from harness import abi
 from harness.context import CaseContext
-from harness.probe import Client, Probe, Served, nr_queues
+from harness.layout import possible_cpus
+from harness.probe import Client, Probe, Served
 
 SPEC = {
     "id": "kernel-probes",
     "description": "the kernel's answers to FUSE_INIT variants and io_uring REGISTER/COMMIT misuse",
     "groups": ["negotiation"],
-    "guards": "dev_uring.c REGISTER/COMMIT_AND_FETCH checks, ring readiness, INIT_EXT gating",
     # partial-register needs a second ring queue, and a case is run or not as a
     # whole: on a machine with one possible CPU none of the probes run.
-    "requires": {"root": True, "dev-fuse": True, "cpus": 2},
+    "requires": {"cpus": 2},
     "transports": ["uring"],
     "matrix": {
         "probe": [
@@ -62,6 +62,11 @@ def _where(served: list[Served]) -> str:
     return "mixed: " + " ".join(f"{s.op}@{s.via}" for s in served)
 
 
+def _start_client(ctx: CaseContext, p: Probe) -> Client:
+    ctx.log(f"client pread {PREAD[0]} {PREAD[1]}, pinned to the CPU of qid {CLIENT_CPU}")
+    return p.client("pread", *PREAD, cpu=CLIENT_CPU)
+
+
 def _finish_client(ctx: CaseContext, p: Probe, c: Client) -> None:
     """Serve until the client has exited and its file was released; log both."""
     p.serve(lambda: c.done() and any(s.op == "RELEASE" for s in p.served), "client and RELEASE")
@@ -72,8 +77,7 @@ def _finish_client(ctx: CaseContext, p: Probe, c: Client) -> None:
 
 
 def _pread(ctx: CaseContext, p: Probe) -> None:
-    ctx.log(f"client pread {PREAD[0]} {PREAD[1]}, pinned to the CPU of qid {CLIENT_CPU}")
-    _finish_client(ctx, p, p.client("pread", *PREAD, cpu=CLIENT_CPU))
+    _finish_client(ctx, p, _start_client(ctx, p))
 
 
 def _accepted(ctx: CaseContext, p: Probe, what: str) -> None:
@@ -84,7 +88,7 @@ def _accepted(ctx: CaseContext, p: Probe, what: str) -> None:
 
 def _register_all(ctx: CaseContext, p: Probe) -> None:
     r = p.ring()
-    for qid in range(nr_queues()):
+    for qid in range(possible_cpus()):
         r.register(qid)
     _accepted(ctx, p, "REGISTER one entry on every qid")
 
@@ -113,7 +117,7 @@ def no_init_ext(ctx: CaseContext) -> None:
     r.register(0)
     _accepted(ctx, p, "REGISTER qid 0")
     _pread(ctx, p)
-    for qid in range(1, nr_queues()):
+    for qid in range(1, possible_cpus()):
         r.register(qid)
     _accepted(ctx, p, "REGISTER the other qids")
     _pread(ctx, p)
@@ -156,9 +160,9 @@ def bad_qid(ctx: CaseContext) -> None:
     p = _start(ctx)
     _reply(ctx, p)
     r = p.ring()
-    r.register(nr_queues())
+    r.register(possible_cpus())
     c = p.wait_completion(r, "the CQE of REGISTER")
-    ctx.log(f"REGISTER qid = number of possible CPUs (cpus={nr_queues()}): {c.result}")
+    ctx.log(f"REGISTER qid = number of possible CPUs (cpus={possible_cpus()}): {c.result}")
     _pread(ctx, p)
 
 
@@ -175,7 +179,7 @@ def no_sqe128(ctx: CaseContext) -> None:
     ctx.log(f"REGISTER qid 0 on a 64-byte-SQE ring: {c.result}")
     c = _client_waits(ctx, p, "io_uring stays on, requests wait for the ring")
     r = p.ring()
-    for qid in range(nr_queues()):
+    for qid in range(possible_cpus()):
         r.register(qid)
     ctx.log("REGISTER one entry on every qid on an SQE128 ring")
     _finish_client(ctx, p, c)
@@ -183,8 +187,7 @@ def no_sqe128(ctx: CaseContext) -> None:
 
 def _client_waits(ctx: CaseContext, p: Probe, why: str) -> Client:
     """Start a client and show for a short bound that no request reaches us."""
-    ctx.log(f"client pread {PREAD[0]} {PREAD[1]}, pinned to the CPU of qid {CLIENT_CPU}")
-    c = p.client("pread", *PREAD, cpu=CLIENT_CPU)
+    c = _start_client(ctx, p)
     quiet = p.stays_false(
         lambda: p.dev_readable() or p.ring_pending() or c.done(), "a request or the client's exit"
     )
@@ -205,9 +208,9 @@ def partial_register(ctx: CaseContext) -> None:
     _reply(ctx, p)
     r = p.ring()
     r.register(0)
-    _accepted(ctx, p, f"REGISTER qid 0 only (cpus={nr_queues()})")
+    _accepted(ctx, p, f"REGISTER qid 0 only (cpus={possible_cpus()})")
     c = _client_waits(ctx, p, "the ring is not ready until every qid has an entry")
-    for qid in range(1, nr_queues()):
+    for qid in range(1, possible_cpus()):
         r.register(qid)
     ctx.log("REGISTER the other qids")
     _finish_client(ctx, p, c)
@@ -223,8 +226,7 @@ def bad_commit_id(ctx: CaseContext) -> None:
     _reply(ctx, p)
     _register_all(ctx, p)
     r = p.rings[-1]
-    ctx.log(f"client pread {PREAD[0]} {PREAD[1]}, pinned to the CPU of qid {CLIENT_CPU}")
-    client = p.client("pread", *PREAD, cpu=CLIENT_CPU)
+    client = _start_client(ctx, p)
     first = p.wait_completion(r, "the first request on the ring")
     opcode = p.load(first)
     ctx.log(f"request {abi.op_name(opcode)} arrived on qid {first.entry.qid}")

@@ -17,15 +17,24 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
+from .cli import OneLineParser
 from .context import Instance
-from .exporter import OneLineParser
 from .fingerprint import collect, format_lines
 from .kernel import read_enable_uring, restore_enable_uring
 from .lifecycle import REPO, TRACKER
 from .report import write_json, write_junit
-from .runner import CASES_DIR, GOLDEN_DIR, Result, RunOptions, cleanup_live, run_instance
+from .runner import (
+    CASES_DIR,
+    GOLDEN_DIR,
+    Result,
+    RunOptions,
+    cleanup_live,
+    regen_requested,
+    run_instance,
+)
 from .spec import CaseSpec, load_all
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
@@ -47,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--regen",
         action="store_true",
-        default=os.environ.get("FUSE_IOTESTS_REGEN") == "1",
+        default=regen_requested(),
         help="rewrite golden files instead of comparing (also FUSE_IOTESTS_REGEN=1)",
     )
     p.add_argument("--results", metavar="DIR", help="results directory (default results/)")
@@ -62,12 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def select(
-    specs: list[CaseSpec], mode: str, transport: str | None, ns: argparse.Namespace
+    specs: list[CaseSpec],
+    mode: str,
+    transport: str | None,
+    groups: set[str],
+    excluded: set[str],
+    names: list[str],
 ) -> tuple[list[tuple[CaseSpec, Instance]], list[str]]:
     """The instances to run, and names given on the command line that match none."""
-    groups = {g for g in ns.groups.split(",") if g}
-    excluded = {g for g in ns.exclude.split(",") if g}
-    names: list[str] = list(ns.names)
     if not excluded and not groups and not names:
         excluded = set(DEFAULT_EXCLUDED_GROUPS)
     chosen, matched = [], set()
@@ -107,14 +118,19 @@ def _terminate(signum: int, _frame: object) -> None:
     raise Terminated(signum)
 
 
+def _ignore_signals() -> None:
+    """While cleaning up after one signal, a second must not cut it short."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     try:
         return _main(argv)
     except KeyboardInterrupt as e:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        _ignore_signals()
         cleanup_live()
         TRACKER.cleanup_all()
         print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
@@ -139,7 +155,14 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     transport = None
     if ns.mode == "fuse":
         transport = "uring" if os.environ.get("FUSE_OVER_IO_URING") == "1" else "legacy"
-    chosen, unknown = select(specs, ns.mode, transport, ns)
+    chosen, unknown = select(
+        specs,
+        ns.mode,
+        transport,
+        {g for g in ns.groups.split(",") if g},
+        {g for g in ns.exclude.split(",") if g},
+        list(ns.names),
+    )
     if unknown:
         print(f"check: no such case for this mode: {', '.join(unknown)}", file=sys.stderr)
         return 1
@@ -201,7 +224,8 @@ def _run_all(
             try:
                 r = run_instance(spec, inst, opts)
             except Exception as e:  # never let an instance vanish from the summary
-                r = Result(inst, "fail", f"harness error: {type(e).__name__}: {e}")
+                tb = "".join(traceback.format_exception(e)[-3:]).rstrip()
+                r = Result(inst, "fail", f"harness error: {type(e).__name__}: {e}\n{tb}")
                 r.start = r.end = time.time()
             with lock:
                 results.append(r)
@@ -215,12 +239,9 @@ def _run_all(
         threading.Thread(target=worker, args=(ev,), daemon=True).start()
     try:
         for ev in finished:
-            while not ev.wait(0.1):
-                pass
+            ev.wait()
     except KeyboardInterrupt:
-        # A second signal must not cut the cleanup short.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        _ignore_signals()
         stop.set()
         cleanup_live()
         deadline = time.monotonic() + INTERRUPT_JOIN

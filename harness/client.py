@@ -20,6 +20,7 @@ from .errnos import errno_name
 from .patterns import pattern_bytes
 
 SEEK = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE}
+OPS = ("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat")
 
 
 def run(op: str, path: str, args: list[int]) -> str:
@@ -57,9 +58,7 @@ def run(op: str, path: str, args: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="client")
     p.add_argument("--cpu", type=int, help="pin to this CPU first")
-    p.add_argument(
-        "op", choices=("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat")
-    )
+    p.add_argument("op", choices=OPS)
     p.add_argument("path")
     p.add_argument("args", nargs="*", type=lambda s: SEEK.get(s) if s in SEEK else int(s, 0))
     ns = p.parse_args(argv)
@@ -72,6 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_client(
+    op: str, path: Path, *args: int | str, cpu: int | None = None
+) -> subprocess.Popen[str]:
+    """`python -m harness.client [--cpu CPU] OP PATH ARGS...`, output piped."""
+    from .lifecycle import REPO, child_env  # not needed by the child itself
+
+    argv = [sys.executable, "-m", "harness.client"]
+    if cpu is not None:
+        argv += ["--cpu", str(cpu)]
+    argv += [op, str(path), *map(str, args)]
+    return subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child_env(),
+    )
+
+
 class ClientPool:
     """Background one-shot clients (python -m harness.client)."""
 
@@ -82,22 +102,9 @@ class ClientPool:
     def spawn(
         self, op: str, path: Path, *args: int | str, cpu: int | None = None
     ) -> subprocess.Popen[str]:
-        from .lifecycle import REPO, child_env  # not needed by the child itself
-
         if self.closed:
             raise RuntimeError("client pool already cleaned up")
-        argv = [sys.executable, "-m", "harness.client"]
-        if cpu is not None:
-            argv += ["--cpu", str(cpu)]
-        argv += [op, str(path), *map(str, args)]
-        p = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=child_env(),
-        )
+        p = start_client(op, path, *args, cpu=cpu)
         self.procs.append(p)
         return p
 

@@ -40,7 +40,7 @@ class Instance:
 
     @property
     def param_key(self) -> str:
-        return ",".join(f"{k}={_fmt(v)}" for k, v in self.params)
+        return ",".join(f"{k}={onoff(v)}" for k, v in self.params)
 
     @property
     def id(self) -> str:
@@ -49,7 +49,7 @@ class Instance:
         return f"{self.case_id}[{head}-{key}]" if key else f"{self.case_id}[{head}]"
 
 
-def _fmt(v: Any) -> str:
+def onoff(v: Any) -> str:
     if isinstance(v, bool):
         return "on" if v else "off"
     return str(v)
@@ -82,6 +82,21 @@ class CaseContext:
     def log(self, line: str = "") -> None:
         with self._lock:
             self.lines.extend(str(line).split("\n"))
+
+    def tail(self, n: int) -> list[str]:
+        with self._lock:
+            return self.lines[-n:]
+
+    def take_since(self, mark: int) -> list[str]:
+        """Remove and return the lines logged after len(lines) was mark."""
+        with self._lock:
+            taken = self.lines[mark:]
+            del self.lines[mark:]
+            return taken
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.lines)
 
     def defer(self, fn: Callable[[], None], what: str = "") -> None:
         """Run fn at the end of the instance, whatever happens.

@@ -23,10 +23,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from . import __version__, abi
 from .backend import Backend, ImageBackend, NullBackend, parse_size
+from .cli import OneLineParser
 from .faults import FaultError, FaultInjector
 from .layout import possible_cpus, ring_queues_of
 from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount
@@ -240,9 +241,16 @@ class Export:
             if uring:
                 qids = ring_queues_of(i, o.queues, self.ring_queues)
                 q = RingQueue(
-                    i, fd, qids, o.ring_depth, handler, self.faults, self.stopping, poll_dev=i == 0
+                    i,
+                    fd,
+                    qids,
+                    o.ring_depth,
+                    handler,
+                    self.faults,
+                    self.stopping,
+                    poll_dev=i == 0,
+                    conn_gone=self.conn_gone,
                 )
-                q.conn_gone = self.conn_gone
             else:
                 q = DevFuseQueue(i, fd, handler, self.faults, self.stopping)
             self.queues.append(q)
@@ -255,7 +263,7 @@ class Export:
             t.start()
         deadline = time.monotonic() + READY_TIMEOUT
         for q in self.queues:
-            while not q.ready.wait(0.01):
+            while not q.started.wait(0.01):
                 if self.stopping.is_set():
                     raise ExportError(f"Queue {q.index} failed to start: {self.stop_reason}")
                 if time.monotonic() > deadline:
@@ -295,10 +303,13 @@ class Export:
     def _teardown(self) -> None:
         self.stopping.set()
         self.faults.shutdown()
-        for q in self.queues:
-            q.wake()
-        for t in self.threads:
-            t.join(STOP_TIMEOUT)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for q, t in zip(self.queues, self.threads, strict=False):
+            # Wake it again and again: a ring queue collecting its entries
+            # after an unmount checks its own deadline on each wakeup.
+            while t.is_alive() and time.monotonic() < deadline:
+                q.wake()
+                t.join(0.1)
             if t.is_alive():
                 print(f"error: {t.name} did not stop within {STOP_TIMEOUT:.0f} s", file=sys.stderr)
                 faulthandler.dump_traceback(sys.stderr)
@@ -444,12 +455,6 @@ def _write_pidfile(path: str) -> None:
 
 
 # -- command line -----------------------------------------------------------
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line and status 1, like every other bad input.
-        self.exit(1, f"{self.prog}: {message}\n")
 
 
 def _positive_size(text: str) -> int:

@@ -17,9 +17,9 @@ from .client import ClientPool
 from .errnos import errno_name
 from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
 from .lifecycle import TRACKER, ExportArgs, ExporterProcess
-from .patterns import offset_pattern
+from .patterns import make_image
+from .spec import TRANSPORTS
 
-TRANSPORTS = ("legacy", "uring")
 IO_URING_MODE = {"legacy": "off", "uring": "on"}
 
 
@@ -52,10 +52,7 @@ class Exports:
     def image(self, size: int = 1 << 20, name: str = "disk.img", fill: bool = True) -> Path:
         """A raw image whose bytes encode their own offsets (or a sparse one)."""
         path = self.dir / name
-        with open(path, "wb") as f:
-            if fill:
-                f.write(offset_pattern(0, size))
-            f.truncate(size)
+        make_image(str(path), size, "offsets" if fill else "sparse")
         return path
 
     def mountpoint(self, name: str = "disk.fuse") -> Path:

@@ -40,7 +40,8 @@ def candidates(
 def find_reference(
     golden_dir: Path, inst: Instance, per_transport: bool, uring_kernel: bool
 ) -> Path:
-    """The first existing candidate, or the last (the plain name) if none exists."""
+    """The first existing candidate; if none exists, the file --regen writes:
+    the transport's own for per-transport cases, else the plain name."""
     paths = candidates(golden_dir, inst, per_transport, uring_kernel)
     for p in paths:
         if p.exists():
@@ -50,7 +51,6 @@ def find_reference(
 
 @dataclass
 class Comparison:
-    golden: Path
     ok: bool
     diff: str = ""
     bad: Path | None = None
@@ -61,18 +61,18 @@ def compare(golden: Path, actual: str, bad_dir: Path, bad_name: str, regen: bool
     if regen:
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(actual)
-        return Comparison(golden, True)
+        return Comparison(True)
     try:
         expected = golden.read_text()
     except FileNotFoundError:
         expected = None
     if expected == actual:
-        return Comparison(golden, True)
+        return Comparison(True)
     bad_dir.mkdir(parents=True, exist_ok=True)
     bad = bad_dir / f"{bad_name}.out.bad"
     bad.write_text(actual)
     if expected is None:
-        return Comparison(golden, False, f"no golden file {golden} (see {bad}; --regen)", bad)
+        return Comparison(False, f"no golden file {golden} (see {bad}; --regen)", bad)
     diff = "".join(
         difflib.unified_diff(
             expected.splitlines(keepends=True),
@@ -81,4 +81,4 @@ def compare(golden: Path, actual: str, bad_dir: Path, bad_name: str, regen: bool
             str(bad),
         )
     )
-    return Comparison(golden, False, diff, bad)
+    return Comparison(False, diff, bad)

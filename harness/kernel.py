@@ -16,6 +16,12 @@ from collections.abc import Iterator
 ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
 IO_URING_DISABLED = "/proc/sys/kernel/io_uring_disabled"
 LOCK_PATH = "/run/lock/fuse-iotests-kernel.lock"
+NO_URING = f"{ENABLE_URING} missing: kernel without FUSE-over-io_uring (needs 6.14+)"
+
+
+def uring_in_kernel() -> bool:
+    """Whether this kernel has FUSE-over-io_uring at all (on or off)."""
+    return os.path.exists(ENABLE_URING)
 
 
 def read_param(path: str) -> str | None:
@@ -50,7 +56,7 @@ def ensure_uring() -> str | None:
     """
     value = read_param(ENABLE_URING)
     if value is None:
-        return f"{ENABLE_URING} missing: kernel without FUSE-over-io_uring (needs 6.14+)"
+        return NO_URING
     if read_param(IO_URING_DISABLED) not in (None, "0"):
         return f"io_uring is disabled ({IO_URING_DISABLED}={read_param(IO_URING_DISABLED)})"
     if value == "Y":
@@ -85,6 +91,8 @@ def read_enable_uring() -> str | None:
 
 def restore_enable_uring(initial: str | None) -> None:
     """Put back enable_uring=N if this run found it so and turned it on."""
-    if initial == "N" and read_param(ENABLE_URING) == "Y":
-        with kernel_lock(exclusive=True):
+    if initial != "N":
+        return
+    with kernel_lock(exclusive=True):
+        if read_param(ENABLE_URING) == "Y":
             write_param(ENABLE_URING, "N")

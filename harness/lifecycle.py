@@ -2,8 +2,9 @@
 
 Every exporter started here is registered in TRACKER.  Cleanup stops the
 process (SIGTERM, then SIGKILL) and removes its mount if it is still there,
-but only a mount whose id we saw appear: we never unmount or kill anything
-we did not create.
+but only a mount whose id we saw appear, or (if it died first) a new mount
+of the exporter's own fs type that was not there when it started: we never
+unmount or kill anything we did not create.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def run_exporter(*args: str, user: str | None = None) -> subprocess.CompletedPro
     )
 
 
+class ExporterExited(RuntimeError):
+    """The exporter exited during start-up (bad options, refused mountpoint)."""
+
+
 class ExporterProcess:
     def __init__(self, workdir: Path, mountpoint: Path, args: ExportArgs) -> None:
         self.workdir = workdir
@@ -135,7 +140,7 @@ class ExporterProcess:
             self.report,
         )
         if self.returncode() is not None:
-            raise RuntimeError(f"exporter exited with {self.returncode()}:\n{self.stderr()}")
+            raise ExporterExited(f"exporter exited with {self.returncode()}:\n{self.stderr()}")
         entry = find_mount(str(self.mountpoint))
         if entry is None or not entry.is_fuse:
             raise RuntimeError(f"pidfile written but no FUSE mount on {self.mountpoint}")
@@ -372,4 +377,11 @@ def _is_descendant(pid: int, ancestor: int) -> bool:
 TRACKER = Tracker()
 atexit.register(TRACKER.cleanup_all)
 
-__all__ = ["TRACKER", "ExportArgs", "ExporterProcess", "QsdProcess", "WaitTimeout"]
+__all__ = [
+    "TRACKER",
+    "ExportArgs",
+    "ExporterExited",
+    "ExporterProcess",
+    "QsdProcess",
+    "WaitTimeout",
+]

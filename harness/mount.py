@@ -36,10 +36,17 @@ class MountEntry:
     fstype: str
     source: str
     options: str
+    dev: str = ""  # st_dev as "major:minor"
 
     @property
     def is_fuse(self) -> bool:
         return self.fstype == "fuse" or self.fstype.startswith(("fuse.", "fuseblk"))
+
+    @property
+    def fusectl_name(self) -> str:
+        """Its directory under /sys/fs/fuse/connections: the kernel dev_t."""
+        major, minor = map(int, self.dev.split(":"))
+        return str(major << 20 | minor)
 
 
 def mount_table() -> list[MountEntry]:
@@ -55,6 +62,7 @@ def mount_table() -> list[MountEntry]:
                     tail[0],
                     _unescape(tail[1]),
                     fields[5] + "," + tail[2],
+                    fields[2],
                 )
             )
     return entries

@@ -28,7 +28,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,9 +36,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from . import abi
 from .abi import Op
+from .client import start_client
 from .errnos import errno_name
-from .layout import possible_cpus
-from .lifecycle import REPO, child_env
 from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount_or_detach
 from .uring import Ring
 from .waiting import WaitTimeout, kernel_stacks, wait_until
@@ -73,9 +71,6 @@ class KernelInit:
     minor: int
     flags: int  # offered: flags | flags2 << 32
     max_readahead: int
-
-    def offers(self, flag: int) -> bool:
-        return bool(self.flags & flag)
 
     @property
     def flag_names(self) -> list[str]:
@@ -218,13 +213,9 @@ class Probe:
         self,
         workdir: Path,
         ctx: CaseContext | None = None,
-        fstype: str = FSTYPE,
-        fusectl: Path = FUSECTL,
     ) -> None:
         self.workdir = workdir
         self.ctx = ctx
-        self.fstype = fstype
-        self.fusectl = fusectl
         self.mountpoint = workdir / "probe.mnt"
         self.dev_fd = -1
         self.mount_id: int | None = None
@@ -285,14 +276,12 @@ class Probe:
         with self.locked():
             self.dev_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
             data = f"fd={self.dev_fd},rootmode=100000,user_id=0,group_id=0"
-            mount(
-                "fuse-iotests-probe", str(self.mountpoint), self.fstype, MS_NOSUID | MS_NODEV, data
-            )
+            mount("fuse-iotests-probe", str(self.mountpoint), FSTYPE, MS_NOSUID | MS_NODEV, data)
             entry = find_mount(str(self.mountpoint))
-            if entry is None or entry.fstype != self.fstype:
+            if entry is None or entry.fstype != FSTYPE:
                 raise ProbeError(f"mounted {self.mountpoint} but it is not in the mount table")
             self.mount_id = entry.mount_id
-            self.conn = _conn_name(entry.mount_id)
+            self.conn = entry.fusectl_name
 
     def read_init(self) -> KernelInit:
         """Read FUSE_INIT from /dev/fuse (it always comes there first)."""
@@ -477,21 +466,9 @@ class Probe:
 
     def client(self, op: str, *args: int, cpu: int | None = None) -> Client:
         """Start `python -m harness.client OP MOUNTPOINT ARGS` (pinned to cpu)."""
-        argv = [sys.executable, "-m", "harness.client"]
-        if cpu is not None:
-            argv += ["--cpu", str(cpu)]
-        argv += [op, str(self.mountpoint), *map(str, args)]
         with self.locked():
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=child_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            c = Client(argv, proc)
+            proc = start_client(op, self.mountpoint, *args, cpu=cpu)
+            c = Client([op, *map(str, args)], proc)
             self.clients.append(c)
             return c
 
@@ -502,7 +479,7 @@ class Probe:
         if self.conn is None:
             return False
         try:
-            with open(self.fusectl / self.conn / "abort", "w") as f:
+            with open(FUSECTL / self.conn / "abort", "w") as f:
                 f.write("1")
         except FileNotFoundError:
             return False
@@ -552,22 +529,6 @@ class Probe:
     def _unmounted(self) -> bool:
         entry = find_mount(str(self.mountpoint))
         return entry is None or entry.mount_id != self.mount_id
-
-
-def _conn_name(mount_id: int) -> str | None:
-    """The fusectl directory of a mount: its kernel dev_t (major << 20 | minor)."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if int(fields[0]) == mount_id:
-                major, minor = map(int, fields[2].split(":"))
-                return str(major << 20 | minor)
-    return None
-
-
-def nr_queues() -> int:
-    """The kernel's ring queue count: one per possible CPU."""
-    return possible_cpus()
 
 
 def read_kernel_init(workdir: Path) -> KernelInit:

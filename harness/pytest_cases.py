@@ -7,7 +7,6 @@ uring, file, slow and serial select the same way with -m.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,8 @@ import pytest
 
 from .context import Instance
 from .kernel import read_enable_uring, restore_enable_uring
-from .runner import CASES_DIR, Result, RunOptions, run_instance
-from .spec import CaseSpec, SpecError, load_spec
+from .runner import CASES_DIR, Result, RunOptions, regen_requested, run_instance
+from .spec import CaseSpec, SpecError, is_case_file, load_spec
 
 RESULTS = CASES_DIR.parent / "results" / "pytest"
 SCRATCH = Path(tempfile.gettempdir()) / "fuse-iotests.pytest"
@@ -39,11 +38,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> CaseFile | None:
-    if (
-        file_path.parent == CASES_DIR
-        and file_path.suffix in (".yaml", ".py")
-        and file_path.name[0] not in "._"
-    ):
+    if file_path.parent == CASES_DIR and is_case_file(file_path):
         return CaseFile.from_parent(parent, path=file_path)
     return None
 
@@ -80,7 +75,7 @@ class CaseItem(pytest.Item):
         opts = RunOptions(
             RESULTS,
             SCRATCH,
-            regen=os.environ.get("FUSE_IOTESTS_REGEN") == "1",
+            regen=regen_requested(),
         )
         result = run_instance(self.spec, self.instance, opts)
         if result.status == "not run":

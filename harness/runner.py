@@ -17,25 +17,36 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .context import Cancelled, CaseContext, Instance, NotRun
 from .filters import FilterEnv, apply_filters
 from .golden import compare, find_reference
-from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
+from .kernel import (
+    ENABLE_URING,
+    NO_URING,
+    ensure_uring,
+    kernel_lock,
+    read_param,
+    uring_in_kernel,
+)
 from .layout import possible_cpus
 from .lifecycle import REPO, ExportArgs
-from .mount import find_mount
-from .patterns import offset_pattern
+from .mount import mount_table
+from .patterns import make_image
 from .spec import CaseSpec, substitute
-from .steps import Session
+from .steps import CASE_EXPORT_FIELDS, IMAGE_FIELDS, Session, convert_fields, export_args
 
 GOLDEN_DIR = REPO / "golden"
 CASES_DIR = REPO / "cases"
 CLEANUP_JOIN = 15.0
+
+
+def regen_requested() -> bool:
+    """FUSE_IOTESTS_REGEN=1: rewrite golden files (tools/check --regen)."""
+    return os.environ.get("FUSE_IOTESTS_REGEN") == "1"
 
 
 @dataclass
@@ -74,10 +85,6 @@ def cleanup_live() -> None:
         stop_case(ctx, None, "interrupted")
 
 
-def uring_available() -> bool:
-    return read_param(ENABLE_URING) is not None
-
-
 def missing_requirement(spec: CaseSpec, inst: Instance) -> str | None:
     """Why this instance cannot run here, or None."""
     req = dict(spec.requires)
@@ -101,8 +108,8 @@ def missing_requirement(spec: CaseSpec, inst: Instance) -> str | None:
             return f"{tool} not installed"
     if req.get("cpus", 0) > possible_cpus():
         return f"needs {req['cpus']} possible CPUs, this machine has {possible_cpus()}"
-    if "kernel-param" in names and read_param(ENABLE_URING) is None:
-        return f"{ENABLE_URING} missing: kernel without FUSE-over-io_uring (needs 6.14+)"
+    if "kernel-param" in names and not uring_in_kernel():
+        return NO_URING
     if inst.transport == "uring" or req.get("uring"):
         return ensure_uring()
     return None
@@ -137,13 +144,14 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     errors: list[str] = []
     try:
         with _kernel_lock(spec, inst) as busy:
+            env = FilterEnv(str(workdir), None)
             try:
                 if not busy:
-                    env = FilterEnv(str(workdir), str(workdir), str(workdir))
                     body, env = _prepare(spec, inst, ctx)
                     error, busy = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
-            except Exception as e:  # a broken image or mountpoint: this instance fails
-                error = f"setting up the instance failed: {type(e).__name__}: {e}"
+            except Exception as e:  # e.g. the image cannot be made: this instance fails
+                tb = "".join(traceback.format_exception(e)[-3:]).rstrip()
+                error = f"harness error: {type(e).__name__}: {e}\n{tb}"
             finally:
                 # Under the lock: a cleanup may restore kernel state.
                 errors = ctx.run_cleanups()
@@ -167,7 +175,7 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
         header = f"QA output created by {inst.case_id}\n"
         actual = apply_filters(header + ctx.transcript, env)
         golden = find_reference(
-            opts.golden_dir, inst, spec.golden == "per-transport", uring_available()
+            opts.golden_dir, inst, spec.golden == "per-transport", uring_in_kernel()
         )
         cmp = compare(golden, actual, opts.results_dir, safe, opts.regen)
         result.golden = str(golden)
@@ -188,42 +196,27 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     return result
 
 
-def _prepare(spec: CaseSpec, inst: Instance, ctx: CaseContext) -> tuple[Any, FilterEnv]:
+def _prepare(
+    spec: CaseSpec, inst: Instance, ctx: CaseContext
+) -> tuple[Callable[[], None], FilterEnv]:
     """The instance's body and the paths its filters replace."""
     params = dict(inst.params)
     if spec.python:
         fn = spec.run_function()
-        return (lambda: fn(ctx)), FilterEnv(str(ctx.workdir), str(ctx.workdir), str(ctx.workdir))
-    from .backend import parse_size
-
-    image_opts = substitute(spec.image, params)
-    export = substitute(spec.export, params)
+        return (lambda: fn(ctx)), FilterEnv(str(ctx.workdir), None)
+    image_opts = convert_fields(substitute(spec.image, params), IMAGE_FIELDS)
+    export = convert_fields(substitute(spec.export, params), CASE_EXPORT_FIELDS)
     image = ctx.workdir / "disk.img"
-    fill = str(image_opts.get("fill", "offsets"))
-    size = parse_size(str(image_opts.get("size", "1M")))
-    with open(image, "wb") as f:
-        if fill == "offsets":
-            f.write(offset_pattern(0, size))
-        elif fill == "zero":
-            f.write(bytes(size))
-        f.truncate(size)
+    fill = image_opts.get("fill", "offsets")
+    make_image(str(image), image_opts.get("size", 1 << 20), fill)
     if inst.mode == "fuse":
         target = ctx.workdir / "disk.fuse"
         target.touch()
-        args = ExportArgs(
-            image=None if "null" in export else str(image),
-            null_size=export.get("null"),
-            writable=export.get("writable", True),
-            growable=export.get("growable", False),
-            queues=export.get("queues", 1),
-            io_uring=export.get("io-uring", "on" if inst.transport == "uring" else "off"),
-            ring_depth=export.get("ring-depth"),
-            max_write=export.get("max-write"),
-            allow_other=str(export.get("allow-other", "off")),
-        )
+        io_uring = "on" if inst.transport == "uring" else "off"
+        args: ExportArgs | None = export_args(ExportArgs(str(image), io_uring=io_uring), export)
     else:
         target, args = image, None
-    env = FilterEnv(str(ctx.workdir), str(target), str(image))
+    env = FilterEnv(str(ctx.workdir), str(target))
     session = Session(ctx, image, target, fill, args, filter_env=env)
     steps = [(s.name, substitute(s.arg, params)) for s in spec.steps]
 
@@ -235,7 +228,9 @@ def _prepare(spec: CaseSpec, inst: Instance, ctx: CaseContext) -> tuple[Any, Fil
     return body, env
 
 
-def _run_with_timeout(body: Any, ctx: CaseContext, timeout: float) -> tuple[str, str | None]:
+def _run_with_timeout(
+    body: Callable[[], None], ctx: CaseContext, timeout: float
+) -> tuple[str, str | None]:
     """Run body in a worker thread: (failure report or '', not-run reason or None)."""
     outcome: dict[str, str] = {}
     finished = threading.Event()  # see check._run_all: not Thread.join()
@@ -259,16 +254,14 @@ def _run_with_timeout(body: Any, ctx: CaseContext, timeout: float) -> tuple[str,
 
     t = threading.Thread(target=worker, name=f"case {ctx.instance.id}", daemon=True)
     t.start()
-    deadline = time.monotonic() + timeout
     try:
-        while not finished.wait(0.05) and time.monotonic() < deadline:
-            pass
+        finished.wait(timeout)
     except KeyboardInterrupt:  # pytest's main thread: stop the case, then go
         stop_case(ctx, finished, "interrupted")
         raise
     if not finished.is_set():
         report = [f"timed out after {timeout:.0f}s; transcript so far ends with:"]
-        report += [f"  {line}" for line in ctx.lines[-5:]]
+        report += [f"  {line}" for line in ctx.tail(5)]
         report.append(ctx.report())
         report.append(_thread_report(t))
         stop_case(ctx, finished, "timed out")
@@ -308,9 +301,9 @@ def _exporter_stderr(workdir: Path) -> str:
 
 def _leftovers(workdir: Path) -> list[str]:
     """FUSE mounts still on this instance's paths after the cleanups."""
-    found = []
-    for p in workdir.iterdir():
-        entry = find_mount(str(p))
-        if entry is not None and entry.is_fuse:
-            found.append(f"FUSE mount on {p}")
-    return found
+    inside = str(workdir) + "/"
+    return [
+        f"FUSE mount on {e.mountpoint}"
+        for e in mount_table()
+        if e.is_fuse and e.mountpoint.startswith(inside)
+    ]

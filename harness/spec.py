@@ -20,6 +20,15 @@ from typing import Any
 import yaml
 
 from .context import Instance
+from .steps import (
+    CASE_EXPORT_FIELDS,
+    IMAGE_FIELDS,
+    STEPS,
+    FieldError,
+    Fields,
+    check_step,
+    convert_fields,
+)
 
 TRANSPORTS = ("legacy", "uring")
 MODES = ("file", "fuse")
@@ -32,18 +41,6 @@ REQUIREMENTS: dict[str, type] = {
     "qemu-io": bool,
     "cpus": int,
 }
-EXPORT_OPTIONS: dict[str, type] = {
-    "start": bool,
-    "writable": bool,
-    "growable": bool,
-    "queues": int,
-    "ring-depth": int,
-    "max-write": str,
-    "allow-other": str,
-    "null": str,
-    "io-uring": str,
-}
-IMAGE_FILLS = ("offsets", "zero", "sparse")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _REF = re.compile(r"\$\{?([A-Za-z][A-Za-z0-9_-]*)\}?")
 # Matrix values end up in instance ids, directory and golden file names.
@@ -210,7 +207,6 @@ TOP_KEYS = {
     "timeout",
     "serial",
     "golden",
-    "guards",
     "steps",
 }
 
@@ -253,7 +249,6 @@ def _guards_comment(text: str) -> str | None:
 
 
 def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseSpec:
-    from .steps import check_step  # the step vocabulary lives with its executors
 
     c = _Checker(path)
     if not isinstance(data, dict):
@@ -264,7 +259,6 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
     for key in ("id", "description", "groups") + (() if python else ("steps",)):
         if key not in data:
             raise c.fail(line_of(data), f"missing required key '{key}'")
-    guards = guards or (str(data["guards"]) if "guards" in data else None)
     if not guards:
         raise c.fail(1, "missing the '# Guards: <regression> (<source>)' comment")
     case_id = c.typed(data["id"], str, line_of(data, "id"), "id")
@@ -305,15 +299,9 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
     spec.matrix, spec.combos = _matrix(c, data)
     image = data.get("image", {})
     export = data.get("export", {})
-    for name, block, allowed in (
-        ("image", image, {"size": str, "fill": str}),
-        ("export", export, EXPORT_OPTIONS),
-    ):
+    for name, block in (("image", image), ("export", export)):
         if not isinstance(block, dict):
             raise c.fail(line_of(data, name), f"{name} must be a mapping")
-        for k in block:
-            if k not in allowed:
-                raise c.fail(line_of(block, k), f"unknown {name} option '{k}'")
     spec.image, spec.export = dict(image), dict(export)
     if not python:
         steps = data["steps"]
@@ -330,7 +318,6 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
             if name in ("kernel-param", "cycles") and not spec.serial:
                 raise c.fail(ln, f"step '{name}' needs the case to run alone: serial: true")
             spec.steps.append(Step(str(name), arg, ln))
-    if not python:
         _check_names(c, spec)
     # Every matrix value must reach the case, and every $ref must be known.
     used = references([image, export, data.get("steps", [])])
@@ -344,14 +331,8 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
     # Type-check every instance now, so nothing runs half-understood.
     for inst in spec.instances():
         params = dict(inst.params)
-        _check_block(c, substitute(image, params), {"size": str, "fill": str}, "image")
-        fill = substitute(image, params).get("fill", "offsets")
-        if fill not in IMAGE_FILLS:
-            raise c.fail(line_of(image, "fill"), f"image.fill must be one of {IMAGE_FILLS}")
-        exp = substitute(export, params)
-        _check_block(c, exp, EXPORT_OPTIONS, "export")
-        if exp.get("io-uring", "off") not in ("on", "off", "auto"):
-            raise c.fail(line_of(export, "io-uring"), "export.io-uring must be on, off or auto")
+        _check_block(c, image, params, IMAGE_FIELDS, "image")
+        _check_block(c, export, params, CASE_EXPORT_FIELDS, "export")
         for step in spec.steps:
             try:
                 check_step(step.name, substitute(step.arg, params), inst)
@@ -399,8 +380,6 @@ _REFERS = {"wait": "client", "wait-held": "rule", "release": "rule"}
 
 def _check_names(c: _Checker, spec: CaseSpec) -> None:
     """Names must be defined before use; export steps need a running export."""
-    from .steps import STEPS
-
     defined: dict[str, set[str]] = {"rule": set(), "client": set()}
     exported = spec.export.get("start", True) is not False or "fuse" not in spec.modes
     for step in spec.steps:
@@ -428,18 +407,14 @@ def _matrix_line(data: Any, name: str) -> int:
     return line_of(m, name) if isinstance(m, dict) else line_of(data, "matrix")
 
 
-def _check_block(c: _Checker, block: dict[str, Any], kinds: dict[str, type], name: str) -> None:
-    from .backend import parse_size
-
-    for k, v in block.items():
-        c.typed(v, kinds[k], line_of(block, k), f"{name}.{k}")
-        if k in ("queues", "ring-depth") and v < 1:
-            raise c.fail(line_of(block, k), f"{name}.{k} must be at least 1")
-        if k in ("size", "max-write", "null"):
-            try:
-                parse_size(str(v))
-            except ValueError:
-                raise c.fail(line_of(block, k), f"{name}.{k}: bad size {v!r}") from None
+def _check_block(
+    c: _Checker, block: dict[str, Any], params: dict[str, Any], fields: Fields, name: str
+) -> None:
+    """image: or export: for one instance, with the converters steps use."""
+    try:
+        convert_fields(substitute(block, params), fields)
+    except FieldError as e:
+        raise c.fail(line_of(block, e.key), f"{name}: {e}") from None
 
 
 def load_spec(path: Path) -> CaseSpec:
@@ -480,10 +455,12 @@ def _import_case(path: Path) -> ModuleType:
     return module
 
 
+def is_case_file(path: Path) -> bool:
+    return path.suffix in (".yaml", ".py") and path.name[0] not in "._"
+
+
 def case_files(cases_dir: Path) -> list[Path]:
-    return sorted(
-        p for p in cases_dir.iterdir() if p.suffix in (".yaml", ".py") and p.name[0] not in "._"
-    )
+    return sorted(p for p in cases_dir.iterdir() if is_case_file(p))
 
 
 def load_all(cases_dir: Path) -> tuple[list[CaseSpec], list[str]]:

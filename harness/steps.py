@@ -1,7 +1,7 @@
 """The step vocabulary of YAML cases: each step's arguments and what it does.
 
 A step is `name: argument`.  check_step() validates an argument at load
-time; Session.run() performs it and writes transcript lines.  I/O steps
+time; Session.run_steps() performs it and writes transcript lines.  I/O steps
 print the way qemu-io does, so one set of filters serves real qemu-io runs
 and ours, and `-file` and `-fuse` instances produce the same transcript.
 """
@@ -18,20 +18,20 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import abi
 from .backend import fallocate, parse_size
 from .client import ClientPool
-from .context import CaseContext, Instance
+from .context import CaseContext, Instance, onoff
 from .errnos import errno_name
 from .filters import FilterEnv, apply_filters
 from .kernel import ENABLE_URING, read_param, write_param
-from .lifecycle import ExportArgs, ExporterProcess
-from .mount import find_mount, umount
-from .patterns import offset_pattern, pattern_bytes
+from .lifecycle import ExportArgs, ExporterExited, ExporterProcess
+from .mount import fuse_mounted, umount
+from .patterns import IMAGE_FILLS, offset_pattern, pattern_bytes
 
 IO_TIMEOUT = 20.0
 
@@ -116,6 +116,12 @@ def step_list(v: Any) -> list[dict[str, Any]]:
     return list(v)
 
 
+def size_text(v: Any) -> str:
+    """A size kept as written (the exporter parses it): '128k'."""
+    size(v)
+    return str(v)
+
+
 def text(v: Any) -> str:
     if not isinstance(v, str | int | float) or isinstance(v, bool):
         raise ValueError(f"{v!r} is not a string")
@@ -174,40 +180,66 @@ def region_list(v: Any) -> list[dict[str, Any]]:
     return [convert_fields(r, REGION_FIELDS) for r in v]
 
 
-CLIENT_OPS = ("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat")
+# What a background client can do with offset/length/pattern arguments.
+BACKGROUND_OPS = {"pread": 2, "pwrite": 2, "fsync": 0, "stat": 0}
 SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "INT": signal.SIGINT}
 STAT_FIELDS = ("size", "mode", "blocks", "blksize", "nlink")
 SHOW = ("negotiation", "layout", "counters", "export")
 REGION_FIELDS = {"offset": (size, True), "length": (size, True), "pattern": (pattern, True)}
-EXPORT_FIELDS = {
+Fields = dict[str, tuple[Callable[[Any], Any], bool]]
+
+# start-export's options; a case's `export:` adds the ones fixed per case.
+EXPORT_FIELDS: Fields = {
     "writable": (boolean, False),
     "growable": (boolean, False),
     "queues": (positive, False),
     "ring-depth": (positive, False),
-    "max-write": (text, False),
+    "max-write": (size_text, False),
     "io-uring": (choice("on", "off", "auto"), False),
 }
+CASE_EXPORT_FIELDS: Fields = {
+    **EXPORT_FIELDS,
+    "start": (boolean, False),  # false: the case starts it with start-export
+    "null": (size_text, False),
+    "allow-other": (choice("on", "off", "auto"), False),
+}
+IMAGE_FIELDS: Fields = {"size": (size, False), "fill": (choice(*IMAGE_FILLS), False)}
 
-Fields = dict[str, tuple[Callable[[Any], Any], bool]]
+
+def export_args(base: ExportArgs, options: dict[str, Any]) -> ExportArgs:
+    """base with the (converted) export options of a case or a step applied."""
+    names = {"null": "null_size"}
+    changes = {names.get(k, k.replace("-", "_")): v for k, v in options.items() if k != "start"}
+    if "null" in options:
+        changes["image"] = None
+    return replace(base, **changes)
+
+
+class FieldError(ValueError):
+    """A bad argument; key names it, so a spec error can point at its line."""
+
+    def __init__(self, key: str | None, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def convert_fields(arg: Any, fields: Fields) -> dict[str, Any]:
     if arg is None:
         arg = {}
     if not isinstance(arg, dict):
-        raise ValueError(f"expected a mapping with {', '.join(fields)}")
+        raise FieldError(None, f"expected a mapping with {', '.join(fields)}")
     for k in arg:
         if k not in fields:
-            raise ValueError(f"unknown argument '{k}' (known: {', '.join(fields)})")
+            raise FieldError(k, f"unknown argument '{k}' (known: {', '.join(fields)})")
     out = {}
     for k, (conv, required) in fields.items():
         if k in arg:
             try:
                 out[k] = conv(arg[k])
             except (ValueError, TypeError) as e:
-                raise ValueError(f"{k}: {e}") from None
+                raise FieldError(k, f"{k}: {e}") from None
         elif required:
-            raise ValueError(f"missing argument '{k}'")
+            raise FieldError(None, f"missing argument '{k}'")
     return out
 
 
@@ -257,7 +289,17 @@ def check_step(name: str, arg: Any, inst: Instance) -> None:
         raise ValueError(f"unknown step (known: {', '.join(sorted(STEPS))})")
     if sd.export and inst.mode == "file":
         raise ValueError("needs a FUSE export, so the case cannot have mode 'file'")
-    sd.convert(arg)
+    value = sd.convert(arg)
+    if name == "background":
+        given = len([k for k in ("offset", "length") if k in value])
+        if given != BACKGROUND_OPS[value["op"]]:
+            raise ValueError(
+                f"{value['op']} takes offset and length"
+                if given < 2
+                else f"{value['op']} takes no offset or length"
+            )
+        if "pattern" in value and value["op"] != "pwrite":
+            raise ValueError("only pwrite takes a pattern")
     if name == "cycles":
         for sub in arg.get("steps", []):
             (sub_name, sub_arg), *_ = sub.items()
@@ -614,7 +656,7 @@ def _fio(s: Session, a: dict[str, Any]) -> None:
     res = subprocess.run(
         argv, capture_output=True, text=True, timeout=IO_TIMEOUT * 3, cwd=s.ctx.workdir
     )
-    desc = " ".join(f"{k}={_onoff(v)}" for k, v in a.items())
+    desc = " ".join(f"{k}={onoff(v)}" for k, v in a.items())
     try:
         job = json.loads(res.stdout[res.stdout.index("{") :])["jobs"][0]
         summary = (
@@ -636,7 +678,7 @@ ARG_KEYS = ("offset", "length", "pattern")  # the client's positional arguments
     "background",
     {
         "name": (text, True),
-        "op": (choice(*CLIENT_OPS), True),
+        "op": (choice(*BACKGROUND_OPS), True),
         "offset": (size, False),
         "length": (size, False),
         "pattern": (byte, False),
@@ -775,8 +817,7 @@ def _mounted(s: Session, _: None) -> None:
     if s.exporter is not None and s.exporter.mount_id is not None:
         there = s.exporter.is_mounted()
     else:
-        entry = find_mount(str(s.target))
-        there = entry is not None and entry.is_fuse
+        there = fuse_mounted(str(s.target))
     s.log(f"mount table: {'our FUSE mount is there' if there else 'no mount'}")
 
 
@@ -793,11 +834,11 @@ def _df(s: Session, _: None) -> None:
 def _start_export(s: Session, a: dict[str, Any]) -> None:
     """Start an exporter (another, or the first with export.start false); print the outcome."""
     assert s.export_args is not None
-    args = _with_options(s.export_args, a)
+    args = export_args(s.export_args, a)
     exp = s.new_exporter(args)
     try:
         s.launch(exp)
-    except RuntimeError:
+    except ExporterExited:
         code = exp.returncode()
         last = (exp.stderr().strip().splitlines() or ["<no output>"])[-1]
         s.log(f"export: exit {code}: {last}")
@@ -807,21 +848,12 @@ def _start_export(s: Session, a: dict[str, Any]) -> None:
     s.log("export: started")
 
 
-def _with_options(base: ExportArgs, a: dict[str, Any]) -> ExportArgs:
-    from dataclasses import replace
-
-    changes: dict[str, Any] = {}
-    for k, v in a.items():
-        changes[k.replace("-", "_")] = str(v) if k == "max-write" else v
-    return replace(base, **changes)
-
-
 @step("cleanup", export=True)
 def _cleanup(s: Session, _: None) -> None:
     """Run the harness's own cleanup of the export now; print what it removed."""
     removed = s.need_exporter().cleanup()
     for r in removed or ["nothing"]:
-        s.log(f"cleanup removed: {r.replace(str(s.target), '$TARGET')}")
+        s.log(f"cleanup removed: {r}")
 
 
 def _resources(pid: int) -> tuple[int, int]:
@@ -849,15 +881,14 @@ def _cycles(s: Session, a: dict[str, Any]) -> None:
         if s.exporter is not None and s.exporter.returncode() is None:
             s.exporter.stop(IO_TIMEOUT)
             s.exporter.cleanup()
-        mark = len(s.ctx.lines)
+        mark = s.ctx.mark()
         s.start_export()
         exp = s.need_exporter()
         s.run_steps(subs)
         exporter_res.add(_resources(exp.pid))
         s.log(f"stop: exporter exited with status {exp.stop(IO_TIMEOUT)}")
         exp.cleanup()
-        outputs.append(s.ctx.lines[mark:])
-        del s.ctx.lines[mark:]
+        outputs.append(s.ctx.take_since(mark))
         gc.collect()  # closed-but-unreferenced objects are not leaks
         own_res.append(_resources(os.getpid()))
     s.exporter = None
@@ -993,7 +1024,3 @@ def _exporter_log(s: Session, needle: str) -> None:
     lines = [ln for ln in s.need_exporter().stderr().splitlines() if needle in ln]
     for line in lines or [f"(no exporter output containing {needle!r})"]:
         s.log(line)
-
-
-def _onoff(v: Any) -> str:
-    return ("on" if v else "off") if isinstance(v, bool) else str(v)

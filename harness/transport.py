@@ -57,7 +57,7 @@ class Queue:
         self.stalled = False
         # Set once the queue can take requests (for io_uring: every ring
         # entry registered); the exporter writes its pidfile only then.
-        self.ready = threading.Event()
+        self.started = threading.Event()
         self._ready: collections.deque[Deferred] = collections.deque()
         self._wake_lock = threading.Lock()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -251,7 +251,7 @@ class DevFuseQueue(Queue):
         poller = select.poll()
         poller.register(self.channel.fd, select.POLLIN)
         poller.register(self.wake_fd, select.POLLIN)
-        self.ready.set()
+        self.started.set()
         while not self.stopping.is_set():
             for fd, events in poller.poll():
                 if fd == self.wake_fd:

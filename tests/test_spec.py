@@ -92,7 +92,7 @@ def test_instance_id_without_params() -> None:
             ":6: matrix.growable is never",
         ),
         ("$growable}", "$growable, writable: $writeable}", ":7: unknown reference $writeable"),
-        ("export: {", "export: {queues: two, ", ":7: export.queues must be an integer"),
+        ("export: {", "export: {queues: two, ", ":7: export: queues: 'two' is not an integer"),
         ("id: demo", "id: other", ":2: id 'other' must be the file name 'demo'"),
         ("# Guards: nothing; a test fixture.\n", "", ":1: missing the '# Guards:"),
         ("description: a demo case\n", "", "missing required key 'description'"),
@@ -125,7 +125,7 @@ def test_instance_id_without_params() -> None:
             ":10: step 'kernel-param' needs",
         ),
         ("groups:", "timeout: 0\ngroups:", ":4: timeout must be positive"),
-        ("export: {", "export: {queues: 0, ", ":7: export.queues must be at least 1"),
+        ("export: {", "export: {queues: 0, ", ":7: export: queues: 0 is not a positive integer"),
         ("[false, true]", "[false, a/b]", ":6: matrix.growable: 'a/b' must be a plain word"),
         ("[false, true]", "[false, {x: 1}]", ":6: matrix.growable: {'x': 1} must be a plain word"),
         (

@@ -17,7 +17,7 @@ from harness.filters import FILTERS, FilterEnv, apply_filters
 from harness.golden import candidates, compare, find_reference
 from harness.lifecycle import REPO, child_env
 
-ENV = FilterEnv("/tmp/x/inst", "/tmp/x/inst/disk.fuse", "/tmp/x/inst/disk.img")
+ENV = FilterEnv("/tmp/x/inst", "/tmp/x/inst/disk.fuse")
 
 
 FILTER_CASES = [
