@@ -89,7 +89,11 @@ class Export:
         self.mount_id: int | None = None
         self.allow_other = False
         self.ring_queues = 0
-        self._stop_wakeup = threading.Event()
+        # Wakes the main thread: written by request_stop() from any thread and
+        # by the signal handler, which must not touch threading locks (the
+        # main thread may hold the very lock it would take: a self-deadlock).
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.signalled: str | None = None
 
     # -- start-up ---------------------------------------------------------
 
@@ -288,10 +292,31 @@ class Export:
             self.stop_reason = reason
             self.status = status
             self.stopping.set()
-        self._stop_wakeup.set()
+        self._poke()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        """The signal handler: record and poke, no locks."""
+        self.signalled = signal.Signals(signum).name
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full: the main thread is awake anyway
 
     def wait(self) -> None:
-        self._stop_wakeup.wait()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while not self.stopping.is_set():
+            if self.signalled is not None:
+                self.request_stop(self.signalled)
+                break
+            poller.poll()
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
 
     def run(self) -> int:
         self.wait()
@@ -498,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     export = Export(opts)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _f: export.request_stop(signal.Signals(signum).name))
+        signal.signal(sig, export.on_signal)
     try:
         export.start()
     except ExportError as e:
