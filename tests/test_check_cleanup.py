@@ -82,13 +82,11 @@ def test_timeout_reports_stderr_and_stacks_then_cleans_up(tmp_path: Path) -> Non
     assert _mounts_of("stuck-timeout") == []
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status: int) -> None:
-    """Ctrl-C (or a CI job's SIGTERM) while an instance is blocked in a FUSE read."""
-    # Unique: the test looks for this instance's directory among all of /tmp.
-    case = f"stuck-{signal.Signals(sig).name.lower()}-{os.getpid()}"
+def _interrupt(argv: list[str], cases: list[str], sig: int) -> tuple[int, str]:
+    """Run check until every case's instance is mounted, then send sig;
+    (exit status, stderr)."""
     proc = subprocess.Popen(
-        _suite(tmp_path, case, 60),
+        argv,
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -99,17 +97,27 @@ def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        wait_until(lambda: _mounts_of(case), 20, "the stuck case's mount")
+        wait_until(lambda: all(_mounts_of(c) for c in cases), 20, "the stuck cases' mounts")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            # Ours (the case name is unique): detaching makes the exporter exit.
-            for mp in _mounts_of(case):
-                umount(mp, lazy=True)
-    assert proc.returncode == status, err
+            # Ours (the case names are unique): detaching makes the exporter exit.
+            for c in cases:
+                for mp in _mounts_of(c):
+                    umount(mp, lazy=True)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status: int) -> None:
+    """Ctrl-C (or a CI job's SIGTERM) while an instance is blocked in a FUSE read."""
+    # Unique: the test looks for this instance's directory among all of /tmp.
+    case = f"stuck-{signal.Signals(sig).name.lower()}-{os.getpid()}"
+    code, err = _interrupt(_suite(tmp_path, case, 60), [case], sig)
+    assert code == status, err
     assert "Interrupted" in err
     assert _mounts_of(case) == []
     assert _exporters_of(case) == []
@@ -124,27 +132,8 @@ def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status
 def test_interrupt_with_parallel_jobs(tmp_path: Path) -> None:
     """-j 2, both instances blocked in a FUSE read: both are stopped and removed."""
     cases = [f"stuck-jobs-{os.getpid()}-{x}" for x in "ab"]
-    proc = subprocess.Popen(
-        [*_suite(tmp_path, cases, 60), "-j", "2"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        wait_until(lambda: all(_mounts_of(c) for c in cases), 20, "both cases' mounts")
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-            for c in cases:
-                for mp in _mounts_of(c):
-                    umount(mp, lazy=True)
-    assert proc.returncode == 130, err
+    code, err = _interrupt([*_suite(tmp_path, cases, 60), "-j", "2"], cases, signal.SIGINT)
+    assert code == 130, err
     for c in cases:
         assert _mounts_of(c) == [] and _exporters_of(c) == []
     report = json.loads((tmp_path / "res" / "report.json").read_text())
