@@ -32,6 +32,11 @@ class _Deferred:
 DEFERRED: Final = _Deferred()
 
 
+# /dev/fuse after the connection ended: ENODEV, or ECONNABORTED once it was
+# aborted (fuse_dev_do_read; seen on 6.18 after umount -l, then SIGTERM).
+CONNECTION_GONE = frozenset({errno.ENODEV, errno.ECONNABORTED})
+
+
 class ConnectionGone(Exception):
     """The kernel ended the connection (unmount or abort)."""
 
@@ -191,7 +196,7 @@ class DevFuseChannel:
             except OSError as e:
                 if e.errno == errno.ENOENT:  # interrupted before we read it
                     continue
-                if e.errno == errno.ENODEV:
+                if e.errno in CONNECTION_GONE:
                     raise ConnectionGone from None
                 raise
             return parse_classic(self._view[:n])
@@ -207,7 +212,7 @@ class DevFuseChannel:
                 os.writev(self.fd, (hdr, self.out[:result]))
         except OSError as e:
             # ENOENT: the request was interrupted or aborted meanwhile.
-            if e.errno == errno.ENODEV:
+            if e.errno in CONNECTION_GONE:
                 raise ConnectionGone from None
             if e.errno != errno.ENOENT:
                 raise
