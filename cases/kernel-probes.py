@@ -15,7 +15,7 @@ from typing import Any
 from harness import abi
 from harness.context import CaseContext
 from harness.layout import possible_cpus
-from harness.probe import Client, Probe, Served
+from harness.probe import Client, Completion, Probe, Served
 
 SPEC = {
     "id": "kernel-probes",
@@ -60,6 +60,15 @@ def _where(served: list[Served]) -> str:
     if vias == {f"qid{CLIENT_CPU}"}:
         return "the ring, on the client's qid"
     return "mixed: " + " ".join(f"{s.op}@{s.via}" for s in served)
+
+
+def _register_once(
+    p: Probe, qid: int, *, sqe128: bool = True, payload_size: int | None = None
+) -> Completion:
+    """REGISTER one entry on a new ring and wait (bounded) for a refusal's CQE."""
+    r = p.ring(sqe128=sqe128)
+    r.register(qid, payload_size=payload_size)
+    return p.wait_completion(r, "the CQE of REGISTER")
 
 
 def _start_client(ctx: CaseContext, p: Probe) -> Client:
@@ -146,9 +155,7 @@ def small_payload(ctx: CaseContext) -> None:
     ctx.log("probe small-payload: REGISTER with a payload smaller than max_pages * 4 KiB")
     p = _start(ctx)
     _reply(ctx, p, max_write=64 * 1024, max_pages=64)
-    r = p.ring()
-    r.register(0, payload_size=64 * 1024)
-    c = p.wait_completion(r, "the CQE of REGISTER")
+    c = _register_once(p, 0, payload_size=64 * 1024)
     ctx.log(f"REGISTER qid 0 with a 65536-byte payload ({p.payload_size} needed): {c.result}")
     _pread(ctx, p)
 
@@ -159,9 +166,7 @@ def bad_qid(ctx: CaseContext) -> None:
     ctx.log("probe bad-qid: REGISTER on a qid >= the number of possible CPUs")
     p = _start(ctx)
     _reply(ctx, p)
-    r = p.ring()
-    r.register(possible_cpus())
-    c = p.wait_completion(r, "the CQE of REGISTER")
+    c = _register_once(p, possible_cpus())
     ctx.log(f"REGISTER qid = number of possible CPUs (cpus={possible_cpus()}): {c.result}")
     _pread(ctx, p)
 
@@ -173,9 +178,7 @@ def no_sqe128(ctx: CaseContext) -> None:
     ctx.log("probe no-sqe128: REGISTER from a ring set up without IORING_SETUP_SQE128")
     p = _start(ctx)
     _reply(ctx, p)
-    r = p.ring(sqe128=False)
-    r.register(0)
-    c = p.wait_completion(r, "the CQE of REGISTER")
+    c = _register_once(p, 0, sqe128=False)
     ctx.log(f"REGISTER qid 0 on a 64-byte-SQE ring: {c.result}")
     c = _client_waits(ctx, p, "io_uring stays on, requests wait for the ring")
     r = p.ring()

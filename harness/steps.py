@@ -86,16 +86,16 @@ def positive(v: Any) -> int:
     return int(v)
 
 
-def cpu_number(v: Any) -> int:
+def non_negative(v: Any) -> int:
     if integer(v) < 0:
-        raise ValueError(f"{v!r} is not a CPU number")
+        raise ValueError(f"{v!r} is negative")
     return int(v)
 
 
 def qid_list(v: Any) -> list[int]:
     if not isinstance(v, list):
         raise ValueError("qids must be a list of ring queue numbers")
-    return [cpu_number(x) for x in v]
+    return [non_negative(x) for x in v]
 
 
 def byte(v: Any) -> int:
@@ -721,7 +721,7 @@ def _hold(s: Session, a: dict[str, Any]) -> None:
         "name": (text, False),
         "op": (op_arg, True),
         "errno": (errno_arg, False),
-        "count": (integer, False),
+        "count": (positive, False),
         "offset": (size, False),
     },
     export=True,
@@ -738,7 +738,7 @@ def _fail(s: Session, a: dict[str, Any]) -> None:
 
 @step(
     "delay",
-    {"op": (op_arg, True), "ms": (integer, True), "count": (integer, False)},
+    {"op": (op_arg, True), "ms": (non_negative, True), "count": (positive, False)},
     export=True,
 )
 def _delay(s: Session, a: dict[str, Any]) -> None:
@@ -747,7 +747,7 @@ def _delay(s: Session, a: dict[str, Any]) -> None:
     s.log(f"delaying {a.get('count', 1)} {a['op']} request(s) by {a['ms']} ms")
 
 
-@step("wait-held", {"name": (text, True), "count": (integer, False)}, export=True)
+@step("wait-held", {"name": (text, True), "count": (non_negative, False)}, export=True)
 def _wait_held(s: Session, a: dict[str, Any]) -> None:
     """Wait (bounded) until a hold rule holds exactly count requests (default 1)."""
     count = a.get("count", 1)
@@ -912,7 +912,7 @@ def _cycles(s: Session, a: dict[str, Any]) -> None:
         s.log(f"harness (fds, threads) GREW: {own_res}")
 
 
-@step("pin", scalar=lambda v: None if v is None else cpu_number(v), optional=True, metavar="CPU")
+@step("pin", scalar=lambda v: None if v is None else non_negative(v), optional=True, metavar="CPU")
 def _pin(s: Session, cpu: int | None) -> None:
     """Pin this case's I/O (and later background clients, dd, fio) to one CPU.
 
