@@ -1,7 +1,7 @@
 """Pure multiqueue layout tables: which ring queues each queue thread owns."""
 
 # Guards: qid-to-queue ownership for any CPU count, idle queues too (seed review: get_nprocs()).
-from harness.context import CaseContext
+from harness.iotests.context import CaseContext
 from harness.layout import layout_table
 
 SPEC = {
@@ -11,6 +11,7 @@ SPEC = {
     # Pure computation: no root, no /dev/fuse, no io_uring; one instance.
     "requires": {"root": False, "dev-fuse": False},
     "transports": ["legacy"],
+    "targets": ["reference"],  # the reference exporter's own policy
 }
 
 POSSIBLE_CPUS = (1, 2, 3, 4, 8, 16, 64)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.lifecycle import REPO, child_env
-from harness.mount import mount_table, umount
-from harness.waiting import wait_until
+from harness.iotests.lifecycle import REPO, child_env
+from harness.iotests.waiting import wait_until
+from harness.kernel.mount import mount_table, umount
 
 STUCK = """\
 # Guards: nothing; a test fixture that blocks on a held READ.
@@ -47,7 +47,7 @@ def _suite(tmp_path: Path, case: str | list[str], timeout: int) -> list[str]:
     for c in [case] if isinstance(case, str) else case:
         (tmp_path / "cases" / f"{c}.yaml").write_text(STUCK.format(case=c, timeout=timeout))
     return [
-        sys.executable, "-m", "harness.check", "--cases", str(tmp_path / "cases"),
+        sys.executable, "-m", "harness.iotests.check", "--cases", str(tmp_path / "cases"),
         "--golden", str(tmp_path / "golden"), "--results", str(tmp_path / "res"),
     ]  # fmt: skip
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.lifecycle import run_exporter
-from harness.mount import find_mount
+from harness.iotests.targets.reference import run_exporter
+from harness.kernel.mount import find_mount
 
 
 def fingerprint(path: Path) -> tuple[str, int, int]:
@@ -38,7 +38,7 @@ CASES = {
     "zero-null-size": (["--null", "0", "--mountpoint", "{mp}"], "Invalid size '0'"),
     "image-and-null": (
         ["--image", "{img}", "--null", "1M", "--mountpoint", "{mp}"],
-        "not allowed with argument",
+        "exactly one of --image and --null is required",
     ),
     "unknown-option": (
         ["--image", "{img}", "--mountpoint", "{mp}", "--frobnicate"],
@@ -46,11 +46,11 @@ CASES = {
     ),
     "bad-allow-other": (
         ["--image", "{img}", "--mountpoint", "{mp}", "--allow-other", "maybe"],
-        "invalid choice: 'maybe'",
+        "'maybe' is not one of on, off, auto",
     ),
     "bad-queues": (
         ["--image", "{img}", "--mountpoint", "{mp}", "--queues", "0"],
-        "--queues must be at least 1, not 0",
+        "argument --queues: 0 is not a positive integer",
     ),
     "bad-max-write": (
         ["--image", "{img}", "--mountpoint", "{mp}", "--max-write", "1000"],

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from harness.fixtures import errno_of
+from harness.iotests.fixtures import errno_of
 from harness.patterns import offset_pattern, pattern_bytes
 
 SIZE = 1 << 20

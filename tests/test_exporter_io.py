@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from harness.abi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from harness.backend import fallocate
-from harness.fixtures import errno_of
-from harness.mount import find_mount
+from harness.iotests.fixtures import errno_of
+from harness.kernel.abi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from harness.kernel.libc import fallocate
+from harness.kernel.mount import find_mount
 from harness.patterns import offset_pattern, pattern_bytes
 
 MiB = 1 << 20
@@ -241,7 +241,7 @@ def test_read_only_export_refuses_writes(exports, transport):
 
 
 def test_null_backend(exports, transport):
-    exp = exports.start(null_size="64M", writable=True)
+    exp = exports.start(null="64M", writable=True)
     fd = os.open(exp.mountpoint, os.O_RDWR)
     try:
         assert os.fstat(fd).st_size == 64 * MiB

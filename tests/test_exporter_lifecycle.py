@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness.mount import find_mount, umount
+from harness.kernel.mount import find_mount, umount
 
 SIZE = 1 << 20
 # Closing the last /dev/fuse fd aborts the connection; on 6.18 a request

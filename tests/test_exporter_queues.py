@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.waiting import wait_until
+from harness.iotests.waiting import wait_until
 
 
 @pytest.mark.parametrize("queues", [1, 2, 4])

@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from harness import abi
-from harness.abi import Op
-from harness.backend import ImageBackend, NullBackend, parse_size
-from harness.faults import FaultError, FaultInjector
-from harness.protocol import BASE_FLAGS, ExportConfig, ExportHandler, ProtocolError, parse_classic
+from harness.exporter.backend import ImageBackend, NullBackend
+from harness.exporter.faults import FaultError, FaultInjector
+from harness.exporter.protocol import (
+    BASE_FLAGS,
+    ExportConfig,
+    ExportHandler,
+    ProtocolError,
+    parse_classic,
+)
+from harness.kernel import abi
+from harness.kernel.abi import Op
+from harness.options import parse_size
 
 KERNEL_FLAGS = 0x73FFFFFB
 KERNEL_FLAGS2 = 0x7FD

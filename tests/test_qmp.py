@@ -9,7 +9,7 @@ import socket
 import pytest
 from qemu.qmp import ExecuteError
 
-from harness.lifecycle import ExporterProcess, QsdProcess
+from harness.iotests.targets import resolve
 
 needs_qsd = pytest.mark.skipif(
     shutil.which("qemu-storage-daemon") is None, reason="qemu-storage-daemon not installed"
@@ -85,9 +85,9 @@ def test_fault_rule_errors(exports):
 
 
 @needs_qsd
-@pytest.mark.parametrize("kind", [ExporterProcess, QsdProcess], ids=["ours", "qsd"])
-def test_one_client_drives_both(exports, kind):
-    exp = exports.start(kind=kind, writable=True, allow_other="off")
+@pytest.mark.parametrize("name", ["reference", "qsd"])
+def test_one_client_drives_both(exports, name):
+    exp = exports.start(target=resolve(name), writable=True, allow_other="off")
     (info,) = exp.cmd("query-block-exports")
     common = {k: info[k] for k in ("type", "id", "node-name", "shutting-down")}
     assert common == {"type": "fuse", "id": "e0", "node-name": "n0", "shutting-down": False}
@@ -95,6 +95,6 @@ def test_one_client_drives_both(exports, kind):
     event = exp.qmp().pull_event(wait=10)
     assert (event["event"], event["data"]) == ("BLOCK_EXPORT_DELETED", {"id": "e0"})
     exp.wait_unmounted()
-    if kind is QsdProcess:
+    if name == "qsd":
         assert exp.cmd("quit") == {}
     assert exp.wait_exit() == 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.context import Instance
-from harness.spec import SpecError, load_all, load_spec
+from harness.iotests.context import Instance
+from harness.iotests.spec import SpecError, load_all, load_spec
 
 GOOD = """\
 # Guards: nothing; a test fixture.
@@ -92,7 +92,11 @@ def test_instance_id_without_params() -> None:
             ":6: matrix.growable is never",
         ),
         ("$growable}", "$growable, writable: $writeable}", ":7: unknown reference $writeable"),
-        ("export: {", "export: {queues: two, ", ":7: export: queues: 'two' is not an integer"),
+        (
+            "export: {",
+            "export: {queues: two, ",
+            ":7: export: queues: 'two' is not a positive integer",
+        ),
         ("id: demo", "id: other", ":2: id 'other' must be the file name 'demo'"),
         ("# Guards: nothing; a test fixture.\n", "", ":1: missing the '# Guards:"),
         ("description: a demo case\n", "", "missing required key 'description'"),
@@ -200,7 +204,7 @@ def test_every_shipped_case_loads() -> None:
 def test_every_step_type_runs_in_every_mode() -> None:
     """tools/check -file, -fuse and FUSE_OVER_IO_URING=1 -fuse each use every step
     that their mode allows (kernel-param makes no sense without an export)."""
-    from harness.steps import STEPS
+    from harness.iotests.steps import STEPS
 
     specs, _ = load_all(Path(__file__).resolve().parent.parent / "cases")
     used: dict[tuple[str, str | None], set[str]] = {

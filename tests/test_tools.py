@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from harness.lifecycle import REPO
+from harness.iotests.lifecycle import REPO
 
 
 def test_tools_export_version_and_bad_option() -> None:
@@ -22,10 +22,9 @@ def test_tools_demo_passes() -> None:
 
 
 def test_readme_reference_is_current() -> None:
-    """The README's step and filter tables are generated from the code."""
-    from harness.filters import filter_reference
-    from harness.steps import step_reference
+    """The README's reference tables are generated from the code."""
+    from harness.iotests import readme
 
-    readme = (REPO / "README.md").read_text()
-    assert step_reference() in readme
-    assert filter_reference() in readme
+    text = readme.README.read_text()
+    assert readme.render(text) == text, "stale: python -m harness.iotests.readme --write"
+    assert "| `hold` |" in text and "| `queues` |" in text and "| `faults` |" in text

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.context import Instance
-from harness.filters import FILTERS, FilterEnv, apply_filters
-from harness.golden import candidates, compare, find_reference
-from harness.lifecycle import REPO, child_env
+from harness.iotests.context import Instance
+from harness.iotests.filters import FILTERS, FilterEnv, apply_filters
+from harness.iotests.golden import candidates, compare, find_reference
+from harness.iotests.lifecycle import REPO, child_env
 
 ENV = FilterEnv("/tmp/x/inst", "/tmp/x/inst/disk.fuse")
 
@@ -109,7 +109,7 @@ def test_compare_writes_bad_and_diff_or_regenerates(tmp_path: Path) -> None:
 def check(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "harness.check", "--cases", str(tmp_path / "cases")]
+    argv = [sys.executable, "-m", "harness.iotests.check", "--cases", str(tmp_path / "cases")]
     argv += ["--golden", str(tmp_path / "golden"), "--results", str(tmp_path / "res"), *args]
     return subprocess.run(
         argv,
@@ -267,7 +267,7 @@ def test_python_case_can_report_not_run(suite: Path) -> None:
     (suite / "cases" / "pyprobe.py").write_text(
         '"""A Python case that finds a requirement missing at run time."""\n\n'
         "# Guards: nothing; a test fixture.\n"
-        "from harness.context import NotRun\n\n"
+        "from harness.iotests.context import NotRun\n\n"
         "SPEC = {'id': 'pyprobe', 'description': 'd', 'groups': ['quick'], 'modes': ['file']}\n\n\n"
         "def run(ctx):\n"
         "    ctx.log('checking')\n"

@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from harness.kernel import ENABLE_URING, enable_uring_set_to, read_param
+from harness.iotests.targets.reference import run_exporter
+from harness.kernel.mount import find_mount
+from harness.kernel.params import ENABLE_URING, enable_uring_set_to, read_param
 from harness.layout import possible_cpus
-from harness.lifecycle import run_exporter
-from harness.mount import find_mount
 
 pytestmark = pytest.mark.uring
 CPUS = possible_cpus()

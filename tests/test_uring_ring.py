@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.uring import (
+from harness.kernel.ring import (
     IORING_FEAT_NODROP,
     IORING_FEAT_SINGLE_MMAP,
     IORING_OP_URING_CMD,

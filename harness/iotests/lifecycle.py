@@ -1,10 +1,16 @@
-"""Running an exporter process from the harness, and cleaning up after it.
+"""Exporter processes, whichever target they belong to, and cleaning up after them.
+
+ExporterProcess is generic process control: start a command, wait until it
+is ready, talk QMP to it, stop it, and remove what is left.  A target
+(harness.iotests.targets) says which command, how to configure the export
+once the process runs, and which fs type its mounts have.
 
 Every exporter started here is registered in TRACKER.  Cleanup stops the
 process (SIGTERM, then SIGKILL) and removes its mount if it is still there,
 but only a mount whose id we saw appear, or (if it died first) a new mount
-of the exporter's own fs type that was not there when it started: we never
-unmount or kill anything we did not create.
+of the target's own fs type that was not there when it started: we never
+unmount or kill anything we did not create.  QSD's mounts have the generic
+type "fuse", so "new on our mountpoint since we started" is what makes one ours.
 """
 
 from __future__ import annotations
@@ -13,54 +19,17 @@ import atexit
 import os
 import signal
 import subprocess
-import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backend import parse_size
-from .exporter import FSTYPE as EXPORTER_FSTYPE
-from .mount import find_mount, umount_or_detach
+from ..kernel.mount import find_mount, umount_or_detach
+from ..options import FSTYPE
 from .waiting import WaitTimeout, kernel_stacks, wait_until
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class ExportArgs:
-    """The exporter's command line, as data."""
-
-    image: str | None = None
-    null_size: str | None = None
-    writable: bool = True
-    growable: bool = False
-    allow_other: str = "off"
-    queues: int = 1
-    io_uring: str = "off"
-    ring_depth: int | None = None
-    max_write: str | None = None
-    extra: list[str] = field(default_factory=list)
-
-    def argv(self) -> list[str]:
-        a: list[str] = []
-        if self.image is not None:
-            a += ["--image", self.image]
-        if self.null_size is not None:
-            a += ["--null", self.null_size]
-        if self.writable:
-            a.append("--writable")
-        if self.growable:
-            a.append("--growable")
-        a += ["--allow-other", self.allow_other, "--queues", str(self.queues)]
-        a += ["--io-uring", self.io_uring]
-        if self.ring_depth is not None:
-            a += ["--ring-depth", str(self.ring_depth)]
-        if self.max_write is not None:
-            a += ["--max-write", self.max_write]
-        return a + self.extra
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def child_env() -> dict[str, str]:
@@ -68,25 +37,20 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def run_exporter(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the exporter to completion (for start-up failures); as `user` if given."""
-    argv = [sys.executable, "-m", "harness.exporter", *args]
-    if user:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
-    return subprocess.run(
-        argv, cwd=REPO, capture_output=True, text=True, timeout=30, env=child_env()
-    )
-
-
-class ExporterExited(RuntimeError):
-    """The exporter exited during start-up (bad options, refused mountpoint)."""
+class ExportFailed(RuntimeError):
+    """The export did not come up: bad options, a refused mountpoint.  str() is
+    the exporter's own one-line message, the same text on every target."""
 
 
 class ExporterProcess:
-    def __init__(self, workdir: Path, mountpoint: Path, args: ExportArgs) -> None:
+    """One exporter process.  Subclasses (in the targets) give command() and,
+    where the export is set up over QMP after start, configure()."""
+
+    fstype = FSTYPE
+
+    def __init__(self, workdir: Path, mountpoint: Path) -> None:
         self.workdir = workdir
         self.mountpoint = mountpoint
-        self.args = args
         self.pidfile = workdir / "export.pid"
         self.qmp_path = workdir / "qmp.sock"
         self.stderr_path = workdir / "export.stderr"
@@ -98,18 +62,14 @@ class ExporterProcess:
         self._mount_before: int | None = None
 
     def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "harness.exporter",
-            *self.args.argv(),
-            "--mountpoint",
-            str(self.mountpoint),
-            "--pidfile",
-            str(self.pidfile),
-            "--qmp",
-            str(self.qmp_path),
-        ]
+        raise NotImplementedError
+
+    def configure(self) -> None:
+        """Set the export up once the process is ready (QSD: over QMP)."""
+
+    def start_failure(self) -> str:
+        """The one-line reason when the process exited during start-up."""
+        return (self.stderr().strip().splitlines() or ["<no output>"])[-1]
 
     # -- starting ---------------------------------------------------------
 
@@ -131,7 +91,7 @@ class ExporterProcess:
             )
 
     def start(self) -> ExporterProcess:
-        """Start and wait until the pidfile says the export is live."""
+        """Start, configure, and wait until the export is mounted."""
         self.spawn()
         wait_until(
             lambda: self.pidfile.exists() or self.returncode() is not None,
@@ -140,10 +100,11 @@ class ExporterProcess:
             self.report,
         )
         if self.returncode() is not None:
-            raise ExporterExited(f"exporter exited with {self.returncode()}:\n{self.stderr()}")
+            raise ExportFailed(self.start_failure())
+        self.configure()
         entry = find_mount(str(self.mountpoint))
-        if entry is None or not entry.is_fuse:
-            raise RuntimeError(f"pidfile written but no FUSE mount on {self.mountpoint}")
+        if entry is None or not entry.is_fuse or entry.mount_id == self._mount_before:
+            raise RuntimeError(f"export started but no new FUSE mount on {self.mountpoint}")
         self.mount_id = entry.mount_id
         return self
 
@@ -268,7 +229,7 @@ class ExporterProcess:
             entry = find_mount(str(self.mountpoint))
             if (
                 entry is not None
-                and entry.fstype == EXPORTER_FSTYPE
+                and entry.fstype == self.fstype
                 and entry.mount_id != self._mount_before
             ):
                 self.mount_id = entry.mount_id
@@ -277,33 +238,6 @@ class ExporterProcess:
             umount_or_detach(str(self.mountpoint))
         TRACKER.discard(self)
         return removed
-
-
-class QsdProcess(ExporterProcess):
-    """qemu-storage-daemon's FUSE export, the behavioural model (classic only)."""
-
-    def command(self) -> list[str]:
-        a = self.args
-        if a.io_uring != "off":
-            raise ValueError("qemu-storage-daemon 7.2 has no FUSE-over-io_uring")
-        if a.null_size is not None:
-            size = parse_size(a.null_size)  # QSD wants plain bytes
-            blockdev = f"null-co,node-name=n0,size={size},read-zeroes=on"
-        else:
-            blockdev = f"file,node-name=n0,filename={a.image}"
-        export = (
-            f"fuse,id=e0,node-name=n0,mountpoint={self.mountpoint},"
-            f"writable={'on' if a.writable else 'off'},growable={'on' if a.growable else 'off'},"
-            f"allow-other={a.allow_other}"
-        )
-        return [
-            "qemu-storage-daemon",
-            "--blockdev", blockdev,
-            "--export", export,
-            "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
-            "--monitor", "chardev=qmp0",
-            "--pidfile", str(self.pidfile),
-        ]  # fmt: skip
 
 
 class Tracker:
@@ -379,9 +313,7 @@ atexit.register(TRACKER.cleanup_all)
 
 __all__ = [
     "TRACKER",
-    "ExportArgs",
-    "ExporterExited",
+    "ExportFailed",
     "ExporterProcess",
-    "QsdProcess",
     "WaitTimeout",
 ]

@@ -24,13 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import abi
-from .errnos import errno_name
+from ..kernel import abi
+from ..kernel.errnos import errno_name
+from ..kernel.ring import Ring
+from ..layout import possible_cpu_ids
 from .faults import FaultInjector
-from .layout import possible_cpu_ids
 from .protocol import ExportHandler, Request
 from .transport import DEFERRED, ConnectionGone, DevFuseChannel, Queue
-from .uring import Ring
 
 # user_data of the two polls; entries use their index.
 _WAKE = 1 << 62

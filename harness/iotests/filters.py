@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .abi import STABLE_INIT_FLAGS as STABLE_FLAGS
+from ..kernel.abi import STABLE_INIT_FLAGS as STABLE_FLAGS
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from . import targets
 from .context import Instance
 from .steps import (
     CASE_EXPORT_FIELDS,
@@ -132,6 +133,7 @@ class CaseSpec:
     timeout: float = 30.0
     serial: bool = False
     golden: str = "shared"  # or "per-transport"
+    targets: list[str] = field(default_factory=list)  # only these targets; [] = any
     steps: list[Step] = field(default_factory=list)
     module: ModuleType | None = None  # Python cases
 
@@ -139,13 +141,20 @@ class CaseSpec:
     def python(self) -> bool:
         return self.module is not None
 
-    def step_names(self) -> set[str]:
+    def all_steps(self) -> list[Step]:
         """Every step the case uses, including those inside cycles."""
-        names = {s.name for s in self.steps}
+        out = []
         for s in self.steps:
+            out.append(s)
             if s.name == "cycles" and isinstance(s.arg, dict):
-                names |= {next(iter(sub)) for sub in s.arg.get("steps") or [] if sub}
-        return names
+                for sub in s.arg.get("steps") or []:
+                    if isinstance(sub, dict) and sub:
+                        name, arg = next(iter(sub.items()))
+                        out.append(Step(str(name), arg, line_of(sub, default=s.line)))
+        return out
+
+    def step_names(self) -> set[str]:
+        return {s.name for s in self.all_steps()}
 
     def instances(self) -> list[Instance]:
         names = list(self.matrix)
@@ -207,6 +216,7 @@ TOP_KEYS = {
     "timeout",
     "serial",
     "golden",
+    "targets",
     "steps",
 }
 
@@ -296,6 +306,9 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
         spec.golden = c.typed(data["golden"], str, line_of(data, "golden"), "golden")
         if spec.golden not in ("shared", "per-transport"):
             raise c.fail(line_of(data, "golden"), "golden must be 'shared' or 'per-transport'")
+    if "targets" in data:
+        ln = line_of(data, "targets")
+        spec.targets = c.str_list(data["targets"], ln, "targets", tuple(targets.kinds()))
     spec.matrix, spec.combos = _matrix(c, data)
     image = data.get("image", {})
     export = data.get("export", {})

@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
+from ..kernel.errnos import errno_name
+from ..kernel.params import ENABLE_URING, ensure_uring, kernel_lock, read_param
+from ..patterns import make_image
 from .client import ClientPool
-from .errnos import errno_name
-from .kernel import ENABLE_URING, ensure_uring, kernel_lock, read_param
-from .lifecycle import TRACKER, ExportArgs, ExporterProcess
-from .patterns import make_image
+from .lifecycle import TRACKER, ExporterProcess
 from .spec import TRANSPORTS
+from .steps import CASE_DEFAULTS
+from .targets import Target, resolve
 
 IO_URING_MODE = {"legacy": "off", "uring": "on"}
 
@@ -64,19 +66,23 @@ class Exports:
         self,
         image: Path | None = None,
         mountpoint: Path | None = None,
-        kind: type[ExporterProcess] = ExporterProcess,
-        **kw: Any,
+        target: Target | None = None,
+        **options: Any,
     ) -> ExporterProcess:
-        """Start an exporter (or kind=QsdProcess) and wait until it is live."""
-        kw.setdefault("io_uring", IO_URING_MODE[self.transport])
-        if image is None and "null_size" not in kw:
+        """Start an exporter and wait until it is live.  options are the option
+        table's (harness/options.py) with _ for -: queues=2, io_uring="on";
+        unset ones are what a case gets (writable, allow-other off)."""
+        options.setdefault("io_uring", IO_URING_MODE[self.transport])
+        settings = CASE_DEFAULTS.with_({k.replace("_", "-"): v for k, v in options.items()})
+        if image is None and settings["null"] is None:
             image = self.image()
-        args = ExportArgs(image=str(image) if image else None, **kw)
         work = self.dir / f"export{len(self.started)}"
         work.mkdir()
-        exp = kind(work, mountpoint or self.mountpoint(), args)
+        target = target or resolve("reference")
+        exp = target.exporter(work, mountpoint or self.mountpoint(), image, settings)
         self.started.append(exp)
-        return exp.start()
+        exp.start()
+        return exp
 
     def cleanup(self) -> None:
         for exp in self.started:

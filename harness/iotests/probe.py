@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from . import abi
-from .abi import Op
+from ..kernel import abi
+from ..kernel.abi import Op
+from ..kernel.errnos import errno_name
+from ..kernel.mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount_or_detach
+from ..kernel.ring import Ring
 from .client import start_client
-from .errnos import errno_name
-from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount_or_detach
-from .uring import Ring
 from .waiting import WaitTimeout, kernel_stacks, wait_until
 
 if TYPE_CHECKING:

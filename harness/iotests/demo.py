@@ -14,9 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .kernel import ensure_uring
-from .lifecycle import TRACKER, ExportArgs, ExporterProcess
-from .patterns import pattern_bytes
+from ..kernel.params import ensure_uring
+from ..options import Settings
+from ..patterns import pattern_bytes
+from .lifecycle import TRACKER
+from .targets import resolve
 
 STEPS = [
     "write -P 0x5a 0 64k",
@@ -50,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(image, "wb") as f:
             f.truncate(4 << 20)
         mp.touch()
-        exp = ExporterProcess(
-            work, mp, ExportArgs(image=str(image), writable=True, io_uring=opts.io_uring)
-        )
+        settings = Settings().with_({"writable": True, "io-uring": opts.io_uring})
+        exp = resolve("reference").exporter(work, mp, image, settings)
         try:
             exp.start()
             neg = exp.query()["negotiation"]

@@ -13,11 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import __version__, abi
-from .kernel import ENABLE_URING, IO_URING_DISABLED, read_param
-from .layout import possible_cpu_ids
+from .. import __version__
+from ..kernel import abi
+from ..kernel.mount import mount_table
+from ..kernel.params import ENABLE_URING, IO_URING_DISABLED, read_param
+from ..layout import possible_cpu_ids
 from .lifecycle import REPO
-from .mount import mount_table
+from .targets import CAPABILITIES, Target
 
 
 def _git_revision() -> str:
@@ -75,7 +77,7 @@ def _filesystem_of(path: str) -> str:
     return best.fstype if best else "unknown"
 
 
-def collect() -> dict[str, Any]:
+def collect(targets: list[Target] | None = None) -> dict[str, Any]:
     cpus = possible_cpu_ids()
     scratch = tempfile.gettempdir()
     return {
@@ -88,6 +90,7 @@ def collect() -> dict[str, Any]:
         "exporter": f"harness.exporter {__version__} ({_git_revision()})",
         "qemu_storage_daemon": _qsd_version(),
         "scratch": f"{scratch} ({_filesystem_of(os.path.realpath(scratch))})",
+        "targets": [t.describe() for t in targets or []],
     }
 
 
@@ -107,4 +110,10 @@ def format_lines(fp: dict[str, Any]) -> list[str]:
         f"EXPORTER     -- {fp['exporter']}",
         f"QSD          -- {fp['qemu_storage_daemon']}",
         f"SCRATCH      -- {fp['scratch']}",
+        *(f"TARGET       -- {_target_line(t)}" for t in fp.get("targets", [])),
     ]
+
+
+def _target_line(t: dict[str, Any]) -> str:
+    caps = " ".join(f"{c}={'yes' if c in t['capabilities'] else 'no'}" for c in CAPABILITIES)
+    return f"{t['name']} {t['version']} ({t['binary']}): {caps}"

@@ -17,8 +17,8 @@ import select
 import threading
 from typing import Any, Final
 
-from . import abi
-from .abi import Op
+from ..kernel import abi
+from ..kernel.abi import Op
 from .faults import Deferred, FaultInjector
 from .protocol import ExportHandler, Reply, Request, parse_classic
 

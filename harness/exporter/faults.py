@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .abi import Op, op_name
+from ..kernel.abi import Op, op_name
 from .protocol import Request
 
 if TYPE_CHECKING:

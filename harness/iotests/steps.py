@@ -18,20 +18,22 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import abi
-from .backend import fallocate, parse_size
+from ..kernel import abi
+from ..kernel.errnos import errno_name
+from ..kernel.libc import fallocate
+from ..kernel.mount import fuse_mounted, umount
+from ..kernel.params import ENABLE_URING, read_param, write_param
+from ..options import OPTIONS, Settings, boolean, choice, parse_size, positive
+from ..patterns import IMAGE_FILLS, offset_pattern, pattern_bytes
 from .client import ClientPool
 from .context import CaseContext, Instance, onoff
-from .errnos import errno_name
 from .filters import FilterEnv, apply_filters
-from .kernel import ENABLE_URING, read_param, write_param
-from .lifecycle import ExportArgs, ExporterExited, ExporterProcess
-from .mount import fuse_mounted, umount
-from .patterns import IMAGE_FILLS, offset_pattern, pattern_bytes
+from .lifecycle import ExporterProcess, ExportFailed
+from .targets import Target
 
 IO_TIMEOUT = 20.0
 
@@ -66,24 +68,10 @@ def pattern(v: Any) -> int | str:
     raise ValueError(f"pattern must be a byte, 'offsets' or 'zero', not {v!r}")
 
 
-def boolean(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if v in ("on", "off"):
-        return v == "on"
-    raise ValueError(f"{v!r} is not true/false/on/off")
-
-
 def integer(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{v!r} is not an integer")
     return v
-
-
-def positive(v: Any) -> int:
-    if integer(v) < 1:
-        raise ValueError(f"{v!r} is not a positive integer")
-    return int(v)
 
 
 def non_negative(v: Any) -> int:
@@ -116,25 +104,10 @@ def step_list(v: Any) -> list[dict[str, Any]]:
     return list(v)
 
 
-def size_text(v: Any) -> str:
-    """A size kept as written (the exporter parses it): '128k'."""
-    size(v)
-    return str(v)
-
-
 def text(v: Any) -> str:
     if not isinstance(v, str | int | float) or isinstance(v, bool):
         raise ValueError(f"{v!r} is not a string")
     return str(v)
-
-
-def choice(*names: str) -> Callable[[Any], str]:
-    def conv(v: Any) -> str:
-        if v not in names:
-            raise ValueError(f"{v!r} is not one of {', '.join(names)}")
-        return str(v)
-
-    return conv
 
 
 def errno_arg(v: Any) -> str:
@@ -188,31 +161,18 @@ SHOW = ("negotiation", "layout", "counters", "export")
 REGION_FIELDS = {"offset": (size, True), "length": (size, True), "pattern": (pattern, True)}
 Fields = dict[str, tuple[Callable[[Any], Any], bool]]
 
-# start-export's options; a case's `export:` adds the ones fixed per case.
-EXPORT_FIELDS: Fields = {
-    "writable": (boolean, False),
-    "growable": (boolean, False),
-    "queues": (positive, False),
-    "ring-depth": (positive, False),
-    "max-write": (size_text, False),
-    "io-uring": (choice("on", "off", "auto"), False),
-}
+# The option table's converters (harness/options.py), for a case's `export:`
+# (plus `start: false`: the case starts it with start-export) and the
+# start-export step.
+EXPORT_FIELDS: Fields = {o.key: (o.convert, False) for o in OPTIONS if o.step}
 CASE_EXPORT_FIELDS: Fields = {
-    **EXPORT_FIELDS,
-    "start": (boolean, False),  # false: the case starts it with start-export
-    "null": (size_text, False),
-    "allow-other": (choice("on", "off", "auto"), False),
+    **{o.key: (o.convert, False) for o in OPTIONS},
+    "start": (boolean, False),
 }
 IMAGE_FIELDS: Fields = {"size": (size, False), "fill": (choice(*IMAGE_FILLS), False)}
-
-
-def export_args(base: ExportArgs, options: dict[str, Any]) -> ExportArgs:
-    """base with the (converted) export options of a case or a step applied."""
-    names = {"null": "null_size"}
-    changes = {names.get(k, k.replace("-", "_")): v for k, v in options.items() if k != "start"}
-    if "null" in options:
-        changes["image"] = None
-    return replace(base, **changes)
+# What a case exports unless it says otherwise: the harness writes, and runs
+# as root, so allow_other would only add a mount option nobody uses.
+CASE_DEFAULTS = Settings({**Settings().values, "writable": True, "allow-other": "off"})
 
 
 class FieldError(ValueError):
@@ -252,6 +212,7 @@ class StepDef:
     export: bool = False  # needs a FUSE export (not in -file mode)
     doc: str = ""
     metavar: str = ""
+    needs: frozenset[str] = frozenset()  # target capabilities (targets.CAPABILITIES)
 
     def convert(self, arg: Any) -> Any:
         if arg is None and (self.optional or (self.fields is None and self.scalar is None)):
@@ -273,10 +234,11 @@ def step(
     optional: bool = False,
     export: bool = False,
     metavar: str = "",
+    needs: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Session, Any], None]], Callable[[Session, Any], None]]:
     def register(fn: Callable[[Session, Any], None]) -> Callable[[Session, Any], None]:
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        STEPS[name] = StepDef(fn, fields, scalar, optional, export, doc, metavar)
+        STEPS[name] = StepDef(fn, fields, scalar, optional, export, doc, metavar, frozenset(needs))
         return fn
 
     return register
@@ -365,7 +327,8 @@ class Session:
     image: Path
     target: Path  # the FUSE mountpoint, or the image itself in -file mode
     fill: str
-    export_args: ExportArgs | None
+    settings: Settings | None  # the export's options; None in -file mode
+    export_target: Target | None = None  # what serves the export
     exporter: ExporterProcess | None = None
     clients: ClientPool = field(default_factory=ClientPool)
     background: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
@@ -395,18 +358,20 @@ class Session:
 
     # -- exporters ---------------------------------------------------------
 
-    def new_exporter(self, args: ExportArgs) -> ExporterProcess:
+    def new_exporter(self, settings: Settings) -> ExporterProcess:
+        assert self.export_target is not None
         n = len(list(self.ctx.workdir.glob("export*")))
         work = self.ctx.workdir / f"export{n}"
         work.mkdir()
-        exp = ExporterProcess(work, self.target, args)
+        image = None if settings["null"] is not None else self.image
+        exp = self.export_target.exporter(work, self.target, image, settings)
         self.ctx.defer(exp.cleanup, f"exporter {work.name}")
         self.ctx.diagnose(exp.report)
         return exp
 
     def start_export(self) -> None:
-        assert self.export_args is not None
-        self.exporter = self.launch(self.new_exporter(self.export_args))
+        assert self.settings is not None
+        self.exporter = self.launch(self.new_exporter(self.settings))
 
     def launch(self, exp: ExporterProcess) -> ExporterProcess:
         """Start an exporter with the case thread's own CPUs, not a `pin`."""
@@ -707,6 +672,7 @@ def _wait(s: Session, name: str) -> None:
     "hold",
     {"name": (text, True), "op": (op_arg, True), "offset": (size, False)},
     export=True,
+    needs=("faults",),
 )
 def _hold(s: Session, a: dict[str, Any]) -> None:
     """Hold matching requests in the exporter until released (fault injection)."""
@@ -725,6 +691,7 @@ def _hold(s: Session, a: dict[str, Any]) -> None:
         "offset": (size, False),
     },
     export=True,
+    needs=("faults",),
 )
 def _fail(s: Session, a: dict[str, Any]) -> None:
     """Fail the next matching request(s) with an errno (default EIO, once)."""
@@ -740,6 +707,7 @@ def _fail(s: Session, a: dict[str, Any]) -> None:
     "delay",
     {"op": (op_arg, True), "ms": (non_negative, True), "count": (positive, False)},
     export=True,
+    needs=("faults",),
 )
 def _delay(s: Session, a: dict[str, Any]) -> None:
     """Delay the next matching request(s) by ms milliseconds."""
@@ -747,7 +715,12 @@ def _delay(s: Session, a: dict[str, Any]) -> None:
     s.log(f"delaying {a.get('count', 1)} {a['op']} request(s) by {a['ms']} ms")
 
 
-@step("wait-held", {"name": (text, True), "count": (non_negative, False)}, export=True)
+@step(
+    "wait-held",
+    {"name": (text, True), "count": (non_negative, False)},
+    export=True,
+    needs=("faults",),
+)
 def _wait_held(s: Session, a: dict[str, Any]) -> None:
     """Wait (bounded) until a hold rule holds exactly count requests (default 1)."""
     count = a.get("count", 1)
@@ -755,7 +728,7 @@ def _wait_held(s: Session, a: dict[str, Any]) -> None:
     s.log(f"{a['name']}: {count} held")
 
 
-@step("release", scalar=text, export=True, metavar="NAME or all")
+@step("release", scalar=text, export=True, metavar="NAME or all", needs=("faults",))
 def _release(s: Session, name: str) -> None:
     """Release a hold rule by name, or every rule with 'all'."""
     rule_id = None if name == "all" else s.rules[name]
@@ -833,15 +806,12 @@ def _df(s: Session, _: None) -> None:
 @step("start-export", EXPORT_FIELDS, optional=True, export=True)
 def _start_export(s: Session, a: dict[str, Any]) -> None:
     """Start an exporter (another, or the first with export.start false); print the outcome."""
-    assert s.export_args is not None
-    args = export_args(s.export_args, a)
-    exp = s.new_exporter(args)
+    assert s.settings is not None
+    exp = s.new_exporter(s.settings.with_(a))
     try:
         s.launch(exp)
-    except ExporterExited:
-        code = exp.returncode()
-        last = (exp.stderr().strip().splitlines() or ["<no output>"])[-1]
-        s.log(f"export: exit {code}: {last}")
+    except ExportFailed as e:
+        s.log(f"export: failed: {e}")
         return
     if s.exporter is None or s.exporter.returncode() is not None:
         s.exporter = exp  # later steps act on it
@@ -873,7 +843,7 @@ def _cycles(s: Session, a: dict[str, Any]) -> None:
     same.  The harness's counts are process-wide, so a case with cycles must
     be serial (it then runs alone).
     """
-    assert s.export_args is not None
+    assert s.settings is not None
     subs = [next(iter(d.items())) for d in a.get("steps", [])]
     outputs: list[list[str]] = []
     exporter_res, own_res = set(), []
@@ -929,6 +899,7 @@ def _pin(s: Session, cpu: int | None) -> None:
     "show",
     {"what": (choice(*SHOW), True), "ops": (ops, False), "qids": (qid_list, False)},
     export=True,
+    needs=("introspection",),
 )
 def _show(s: Session, a: dict[str, Any]) -> None:
     """Print the export's negotiation, ring layout, per-queue counters or size/flags."""
@@ -1018,7 +989,7 @@ def step_reference() -> str:
     return "\n".join(lines)
 
 
-@step("exporter-log", scalar=text, export=True, metavar="TEXT")
+@step("exporter-log", scalar=text, export=True, metavar="TEXT", needs=("exporter-log",))
 def _exporter_log(s: Session, needle: str) -> None:
     """Print the exporter's stderr lines that contain a string."""
     lines = [ln for ln in s.need_exporter().stderr().splitlines() if needle in ln]

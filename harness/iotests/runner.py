@@ -18,13 +18,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .context import Cancelled, CaseContext, Instance, NotRun
-from .filters import FilterEnv, apply_filters
-from .golden import compare, find_reference
-from .kernel import (
+from ..kernel.mount import mount_table
+from ..kernel.params import (
     ENABLE_URING,
     NO_URING,
     ensure_uring,
@@ -32,14 +30,28 @@ from .kernel import (
     read_param,
     uring_in_kernel,
 )
-from .layout import possible_cpus
-from .lifecycle import REPO, ExportArgs
-from .mount import mount_table
-from .patterns import make_image
+from ..layout import possible_cpus
+from ..options import Settings
+from ..patterns import make_image
+from .context import Cancelled, CaseContext, Instance, NotRun
+from .filters import FilterEnv, apply_filters
+from .golden import compare, find_reference
+from .known import Environment, KnownDifferences
+from .lifecycle import REPO
 from .spec import CaseSpec, substitute
-from .steps import CASE_EXPORT_FIELDS, IMAGE_FIELDS, Session, convert_fields, export_args
+from .steps import (
+    CASE_DEFAULTS,
+    CASE_EXPORT_FIELDS,
+    EXPORT_FIELDS,
+    IMAGE_FIELDS,
+    STEPS,
+    Session,
+    convert_fields,
+)
+from .targets import Target
 
 GOLDEN_DIR = REPO / "golden"
+KNOWN_DIR = GOLDEN_DIR / "known"
 CASES_DIR = REPO / "cases"
 CLEANUP_JOIN = 15.0
 
@@ -53,15 +65,20 @@ def regen_requested() -> bool:
 class RunOptions:
     results_dir: Path
     work_root: Path
+    target: Target
     golden_dir: Path = GOLDEN_DIR
     regen: bool = False
     timeout_scale: float = 1.0
+    known: KnownDifferences = field(default_factory=lambda: KnownDifferences([]))
+
+    def environment(self) -> Environment:
+        return Environment(self.target.name, self.target.version)
 
 
 @dataclass
 class Result:
     instance: Instance
-    status: str  # "pass", "fail" or "not run"
+    status: str  # "pass", "fail", "not run", "xfail" or "xpass" (see known.py)
     reason: str = ""
     diff: str = ""
     start: float = 0.0
@@ -69,6 +86,7 @@ class Result:
     golden: str = ""
     bad: str = ""
     exporter_stderr: str = ""
+    output: str = ""  # the filtered transcript
 
     @property
     def elapsed(self) -> float:
@@ -85,8 +103,39 @@ def cleanup_live() -> None:
         stop_case(ctx, None, "interrupted")
 
 
-def missing_requirement(spec: CaseSpec, inst: Instance) -> str | None:
+def export_settings(spec: CaseSpec, inst: Instance) -> Settings | None:
+    """The options a fuse instance's export starts with (None: -file, Python)."""
+    if inst.mode != "fuse" or spec.python:
+        return None
+    export = convert_fields(substitute(spec.export, dict(inst.params)), CASE_EXPORT_FIELDS)
+    export.pop("start", None)
+    io_uring = "on" if inst.transport == "uring" else "off"
+    return CASE_DEFAULTS.with_({"io-uring": io_uring, **export})
+
+
+def target_problem(spec: CaseSpec, inst: Instance, target: Target) -> str | None:
+    """Why the target cannot run this instance, from what the spec declares
+    (steps' needs, export options): decided before anything runs."""
+    if spec.targets and target.name not in spec.targets:
+        return f"the case is for target {', '.join(spec.targets)} only"
+    settings = export_settings(spec, inst)
+    if settings is None:
+        return None
+    needs = set().union(*(STEPS[name].needs for name in spec.step_names()))
+    problems = [target.lacks(needs), target.settings_problem(settings)]
+    params = dict(inst.params)
+    for s in spec.all_steps():
+        if s.name == "start-export":
+            extra = convert_fields(substitute(s.arg, params), EXPORT_FIELDS)
+            problems.append(target.settings_problem(settings.with_(extra)))
+    return next((p for p in problems if p), None)
+
+
+def missing_requirement(spec: CaseSpec, inst: Instance, target: Target) -> str | None:
     """Why this instance cannot run here, or None."""
+    problem = target_problem(spec, inst, target)
+    if problem:
+        return problem
     req = dict(spec.requires)
     names = spec.step_names()
     pins = [s.arg for s in spec.steps if s.name == "pin" and isinstance(s.arg, int)]
@@ -130,7 +179,7 @@ def _kernel_lock(spec: CaseSpec, inst: Instance) -> Iterator[str | None]:
 
 def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     result = Result(inst, "not run", start=time.time())
-    reason = missing_requirement(spec, inst)
+    reason = missing_requirement(spec, inst, opts.target)
     if reason:
         result.reason, result.end = reason, time.time()
         return result
@@ -147,7 +196,7 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
             env = FilterEnv(str(workdir), None)
             try:
                 if not busy:
-                    body, env = _prepare(spec, inst, ctx)
+                    body, env = _prepare(spec, inst, ctx, opts.target)
                     error, busy = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
             except Exception as e:  # e.g. the image cannot be made: this instance fails
                 tb = "".join(traceback.format_exception(e)[-3:]).rstrip()
@@ -169,11 +218,14 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     if errors or left:
         error = "\n".join([error, *errors, *(f"left behind: {x}" for x in left)]).strip()
     result.status = "pass"
+    header = f"QA output created by {inst.case_id}\n"
+    actual = result.output = apply_filters(header + ctx.transcript, env)
+    # Every instance's filtered transcript, so that runs can be compared.
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    (opts.results_dir / f"{safe}.out").write_text(actual)
     if error:
         result.status, result.reason = "fail", error
     else:
-        header = f"QA output created by {inst.case_id}\n"
-        actual = apply_filters(header + ctx.transcript, env)
         golden = find_reference(
             opts.golden_dir, inst, spec.golden == "per-transport", uring_in_kernel()
         )
@@ -183,6 +235,7 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
             result.status = "fail"
             result.reason = f"output mismatch (see {cmp.bad})"
             result.diff, result.bad = cmp.diff, str(cmp.bad)
+    _apply_known(result, opts)
     if result.status == "pass":
         shutil.rmtree(workdir, ignore_errors=True)
     elif not left:  # keep it for inspection, with the results rather than in /tmp
@@ -196,8 +249,21 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     return result
 
 
+def _apply_known(result: Result, opts: RunOptions) -> None:
+    """A listed instance that fails is an xfail; one that passes, an xpass."""
+    entry = opts.known.match(result.instance, opts.environment())
+    if entry is None:
+        return
+    if result.status == "fail":
+        result.status = "xfail"
+        result.reason = f"{entry.describe()}\n{result.reason}"
+    elif result.status == "pass":
+        result.status = "xpass"
+        result.reason = f"matches its golden file, but {entry.where} lists it: remove the entry"
+
+
 def _prepare(
-    spec: CaseSpec, inst: Instance, ctx: CaseContext
+    spec: CaseSpec, inst: Instance, ctx: CaseContext, target: Target
 ) -> tuple[Callable[[], None], FilterEnv]:
     """The instance's body and the paths its filters replace."""
     params = dict(inst.params)
@@ -205,23 +271,22 @@ def _prepare(
         fn = spec.run_function()
         return (lambda: fn(ctx)), FilterEnv(str(ctx.workdir), None)
     image_opts = convert_fields(substitute(spec.image, params), IMAGE_FIELDS)
-    export = convert_fields(substitute(spec.export, params), CASE_EXPORT_FIELDS)
     image = ctx.workdir / "disk.img"
     fill = image_opts.get("fill", "offsets")
     make_image(str(image), image_opts.get("size", 1 << 20), fill)
-    if inst.mode == "fuse":
-        target = ctx.workdir / "disk.fuse"
-        target.touch()
-        io_uring = "on" if inst.transport == "uring" else "off"
-        args: ExportArgs | None = export_args(ExportArgs(str(image), io_uring=io_uring), export)
+    settings = export_settings(spec, inst)
+    if settings is not None:
+        path = ctx.workdir / "disk.fuse"
+        path.touch()
     else:
-        target, args = image, None
-    env = FilterEnv(str(ctx.workdir), str(target))
-    session = Session(ctx, image, target, fill, args, filter_env=env)
+        path = image
+    env = FilterEnv(str(ctx.workdir), str(path))
+    session = Session(ctx, image, path, fill, settings, target, filter_env=env)
     steps = [(s.name, substitute(s.arg, params)) for s in spec.steps]
+    start = spec.export.get("start", True) is not False
 
     def body() -> None:
-        if args is not None and export.get("start", True):
+        if settings is not None and start:
             session.start_export()
         session.run_steps(steps)
 

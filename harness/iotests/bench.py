@@ -12,7 +12,6 @@ a test: it prints figures and never fails on a slow machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -20,8 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .kernel import ensure_uring, kernel_lock
-from .lifecycle import TRACKER, ExportArgs, ExporterProcess, QsdProcess
+from ..kernel.params import ensure_uring, kernel_lock
+from ..options import Settings
+from .lifecycle import TRACKER
+from .targets import Target, TargetError, resolve
 
 CELLS = [(1, 1), (1, 4), (64, 1), (64, 4)]  # (iodepth, numjobs)
 SIZE = "1G"
@@ -43,11 +44,11 @@ def run_fio(path: Path, iodepth: int, numjobs: int, runtime: int) -> tuple[float
     return iops, lat / 1000
 
 
-def bench_exporter(kind: type[ExporterProcess], args: ExportArgs, runtime: int) -> list[str]:
+def bench_exporter(target: Target, settings: Settings, runtime: int) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="fuse-iotests-bench-") as tmp:
         mp = Path(tmp) / "null.fuse"
         mp.touch()
-        exp = kind(Path(tmp), mp, args)
+        exp = target.exporter(Path(tmp), mp, None, settings)
         try:
             exp.start()
             cells = [run_fio(mp, d, j, runtime) for d, j in CELLS]
@@ -67,19 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: fio is not installed", file=sys.stderr)
         return 1
     rows = {}
-    base = ExportArgs(null_size=SIZE, writable=True, queues=opts.queues)
+    base = Settings().with_({"null": SIZE, "writable": True, "queues": opts.queues})
+    reference = resolve("reference")
     try:
-        rows["classic"] = bench_exporter(ExporterProcess, base, opts.runtime)
+        rows["classic"] = bench_exporter(reference, base, opts.runtime)
         reason = ensure_uring()
         if reason:
             print(f"io_uring not run: {reason}", file=sys.stderr)
         else:
             with kernel_lock(exclusive=False):
-                uring = dataclasses.replace(base, io_uring="on")
-                rows["io_uring"] = bench_exporter(ExporterProcess, uring, opts.runtime)
-        if not opts.no_qsd and shutil.which("qemu-storage-daemon"):
-            qsd = ExportArgs(null_size=SIZE, writable=True, allow_other="off")
-            rows["qsd-7.2"] = bench_exporter(QsdProcess, qsd, opts.runtime)
+                uring = base.with_({"io-uring": "on"})
+                rows["io_uring"] = bench_exporter(reference, uring, opts.runtime)
+        if not opts.no_qsd:
+            try:
+                qsd = resolve("qsd")
+            except TargetError as e:
+                print(f"qsd not run: {e}", file=sys.stderr)
+            else:
+                single = Settings().with_({"null": SIZE, "writable": True, "allow-other": "off"})
+                rows[f"qsd-{qsd.version}"] = bench_exporter(qsd, single, opts.runtime)
     finally:
         TRACKER.cleanup_all()
     print(f"fio randrw 70/30 bs=4k libaio direct=1, null-co, {opts.runtime}s per cell, "

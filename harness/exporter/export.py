@@ -22,18 +22,19 @@ import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, abi
-from .backend import Backend, ImageBackend, NullBackend, parse_size
-from .cli import OneLineParser
+from .. import __version__
+from ..cli import OneLineParser
+from ..kernel import abi
+from ..kernel.mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount
+from ..layout import possible_cpus, ring_queues_of
+from ..options import BY_KEY, FSTYPE, OPTIONS, Settings
+from .backend import Backend, ImageBackend, NullBackend
 from .faults import FaultError, FaultInjector
-from .layout import possible_cpus, ring_queues_of
-from .mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount
 from .protocol import (
     BASE_FLAGS,
-    DEFAULT_MAX_WRITE,
     ExportConfig,
     ExportHandler,
     ProtocolError,
@@ -43,7 +44,6 @@ from .qmp_server import QmpError, QmpServer, check_args
 from .transport import ConnectionGone, DevFuseQueue, Queue
 from .uring_transport import RingHalted, RingQueue
 
-FSTYPE = "fuse.fuse-iotests"
 INIT_TIMEOUT = 10.0
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -57,18 +57,18 @@ class ExportError(Exception):
 class ExportOptions:
     mountpoint: str
     image: str | None = None
-    null_size: int | None = None
-    writable: bool = False
-    growable: bool = False
-    allow_other: str = "auto"  # QEMU's default
-    queues: int = 1
-    io_uring: str = "off"
-    ring_depth: int = 64
+    settings: Settings = field(default_factory=Settings)
     pidfile: str | None = None
     qmp: str | None = None
     export_id: str = "e0"
     node_name: str = "n0"
-    max_write: int = DEFAULT_MAX_WRITE
+
+    def __getattr__(self, name: str) -> Any:
+        """o.ring_depth is the option table's 'ring-depth'."""
+        key = name.replace("_", "-")
+        if key in BY_KEY:
+            return self.settings[key]
+        raise AttributeError(name)
 
 
 class Export:
@@ -121,7 +121,7 @@ class Export:
 
     def _validate_options(self) -> None:
         o = self.opts
-        if (o.image is None) == (o.null_size is None):
+        if (o.image is None) == (o.null is None):
             raise ExportError("exactly one of --image and --null is required")
         if o.queues < 1:
             raise ExportError(f"--queues must be at least 1, not {o.queues}")
@@ -152,8 +152,8 @@ class Export:
 
     def _open_backend(self) -> Backend:
         o = self.opts
-        if o.null_size is not None:
-            return NullBackend(o.null_size)
+        if o.null is not None:
+            return NullBackend(o.null)
         assert o.image is not None
         try:
             return ImageBackend(o.image, o.writable)
@@ -482,41 +482,37 @@ def _write_pidfile(path: str) -> None:
 # -- command line -----------------------------------------------------------
 
 
-def _positive_size(text: str) -> int:
-    try:
-        size = parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"Invalid size '{text}'")
-    return size
-
-
 def parse_args(argv: list[str] | None) -> ExportOptions:
     p = OneLineParser(prog="export", description="Export one image as a regular-file FUSE mount.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", metavar="IMG", help="raw image file to export")
-    src.add_argument(
-        "--null",
-        metavar="SIZE",
-        type=_positive_size,
-        dest="null_size",
-        help="null-co: reads return zeroes, writes are discarded",
-    )
+    p.add_argument("--image", metavar="IMG", help="raw image file to export (or --null)")
     p.add_argument("--mountpoint", metavar="MP", required=True, help="an existing regular file")
-    p.add_argument("--writable", action="store_true")
-    p.add_argument("--growable", action="store_true")
-    p.add_argument("--allow-other", choices=("on", "off", "auto"), default="auto")
-    p.add_argument("--queues", type=int, default=1, metavar="N")
-    p.add_argument("--io-uring", choices=("on", "off", "auto"), default="off")
-    p.add_argument("--ring-depth", type=int, default=64, metavar="N")
-    p.add_argument("--max-write", type=_positive_size, default=DEFAULT_MAX_WRITE, metavar="SIZE")
+    for o in OPTIONS:  # the export options: one table (harness/options.py)
+        if o.switch:
+            p.add_argument(o.flag, action="store_true", help=o.doc)
+        else:
+            p.add_argument(o.flag, type=_table_type(o.key), default=o.default, metavar=o.metavar,
+                           help=o.doc)  # fmt: skip
     p.add_argument("--pidfile", metavar="F")
     p.add_argument("--qmp", metavar="SOCKET", help="QMP control socket (UNIX) to create")
     p.add_argument("--id", default="e0", dest="export_id")
     p.add_argument("--version", action="version", version=f"fuse-iotests exporter {__version__}")
-    ns = p.parse_args(argv)
-    return ExportOptions(**vars(ns))
+    ns = vars(p.parse_args(argv))
+    values = {o.key: ns.pop(o.key.replace("-", "_")) for o in OPTIONS}
+    explicit = {k for k, v in values.items() if v != BY_KEY[k].default}
+    return ExportOptions(**ns, settings=Settings(values, frozenset(explicit)))
+
+
+def _table_type(key: str) -> Any:
+    """argparse type: the table's converter; its message, in one line."""
+
+    def conv(text: str) -> Any:
+        try:
+            return BY_KEY[key].convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    conv.__name__ = key
+    return conv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,7 +533,3 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

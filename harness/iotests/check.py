@@ -1,10 +1,13 @@
 """tools/check: run case instances the way qemu-iotests' ./check does.
 
-    tools/check [-fuse|-file] [-g GROUPS] [-x GROUPS] [-n] [-d] [-j N] [--regen] [CASE...]
+    tools/check [-fuse|-file] [-g GROUPS] [-x GROUPS] [-n] [-d] [-j N] [--regen]
+                [--target NAME] [--qsd PATH] [--diff-targets A,B] [CASE...]
 
 -fuse (the default) runs instances through an export on the classic
 /dev/fuse transport, or on FUSE-over-io_uring with FUSE_OVER_IO_URING=1.
 -file runs the generic I/O cases directly on the image, as a baseline.
+--target picks the export implementation (also FUSE_IOTESTS_TARGET);
+--diff-targets runs every instance on two targets and compares them.
 """
 
 from __future__ import annotations
@@ -20,22 +23,25 @@ import time
 import traceback
 from pathlib import Path
 
-from .cli import OneLineParser
+from ..cli import OneLineParser
+from ..kernel.params import read_enable_uring, restore_enable_uring
+from . import known, targets
 from .context import Instance
+from .diff import diff_targets
 from .fingerprint import collect, format_lines
-from .kernel import read_enable_uring, restore_enable_uring
 from .lifecycle import REPO, TRACKER
 from .report import write_json, write_junit
 from .runner import (
     CASES_DIR,
     GOLDEN_DIR,
+    KNOWN_DIR,
     Result,
     RunOptions,
     cleanup_live,
     regen_requested,
     run_instance,
 )
-from .spec import CaseSpec, load_all
+from .spec import CaseSpec, SpecError, load_all
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
 INTERRUPT_JOIN = 30.0
@@ -59,6 +65,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=regen_requested(),
         help="rewrite golden files instead of comparing (also FUSE_IOTESTS_REGEN=1)",
     )
+    p.add_argument(
+        "--target",
+        default=os.environ.get("FUSE_IOTESTS_TARGET", targets.DEFAULT),
+        metavar="NAME",
+        help=f"what serves the exports: {', '.join(targets.names())} "
+        "(default reference, or FUSE_IOTESTS_TARGET)",
+    )
+    p.add_argument("--qsd", metavar="PATH", help="the qemu-storage-daemon for target qsd")
+    p.add_argument(
+        "--diff-targets",
+        metavar="A,B",
+        help="run each instance on targets A and B and compare their transcripts",
+    )
     p.add_argument("--results", metavar="DIR", help="results directory (default results/)")
     p.add_argument("--cases", metavar="DIR", default=str(CASES_DIR), help=argparse.SUPPRESS)
     p.add_argument("--golden", metavar="DIR", default=str(GOLDEN_DIR), help=argparse.SUPPRESS)
@@ -67,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if ns.jobs < 1:
         p.error("-j must be at least 1")
     ns.mode = ns.mode or "fuse"
+    if ns.diff_targets is not None:
+        pair = ns.diff_targets.split(",")
+        if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+            p.error("--diff-targets takes two different targets: A,B")
+        if ns.regen:
+            p.error("--regen does not go with --diff-targets")
     return ns
 
 
@@ -148,9 +173,22 @@ def _main(argv: list[str] | None) -> int:
 
 def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     specs, errors = load_all(Path(ns.cases))
+    try:
+        known_diffs = known.load(Path(ns.golden) / KNOWN_DIR.name)
+    except SpecError as e:
+        errors.append(str(e))
     if errors:
         for e in errors:
             print(f"check: {e}", file=sys.stderr)
+        return 1
+    names = ns.diff_targets.split(",") if ns.diff_targets else [ns.target]
+    try:
+        chosen_targets = [targets.resolve(n, ns.qsd) for n in names]
+    except targets.TargetError as e:
+        print(f"check: {e}", file=sys.stderr)
+        return 1
+    if ns.regen and chosen_targets[0].name != targets.DEFAULT:
+        print("check: --regen writes golden files from the reference target only", file=sys.stderr)
         return 1
     transport = None
     if ns.mode == "fuse":
@@ -167,32 +205,42 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
         print(f"check: no such case for this mode: {', '.join(unknown)}", file=sys.stderr)
         return 1
     if ns.dry_run:
-        for _, inst in chosen:
-            print(inst.id)
+        for t in chosen_targets:
+            for _, inst in chosen:
+                print(inst.on(t.tag).id)
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results_dir = Path(ns.results) if ns.results else REPO / "results" / f"{stamp}-{os.getpid()}"
     results_dir.mkdir(parents=True, exist_ok=True)
     # Instance directories live in /tmp: a UNIX socket path must stay short.
     scratch = Path(tempfile.mkdtemp(prefix="fuse-iotests."))
-    opts = RunOptions(results_dir, scratch, Path(ns.golden), ns.regen)
-    fp = collect()
+    fp = collect(chosen_targets)
     for line in format_lines(fp):
         print(line)
     print(f"MODE         -- {ns.mode}" + (f" ({transport})" if transport else ""))
     print(f"RESULTS      -- {results_dir}")
     print()
-    width = max((len(i.id) for _, i in chosen), default=10) + 1
-    results: list[Result] = []
+    runs: list[list[Result]] = []
     try:
-        _run_all(chosen, opts, ns.jobs, width, ns.debug, results)
+        for t in chosen_targets:
+            tagged = [(spec, inst.on(t.tag)) for spec, inst in chosen]
+            where = results_dir / t.name if ns.diff_targets else results_dir
+            opts = RunOptions(where, scratch, t, Path(ns.golden), ns.regen, known=known_diffs)
+            width = max((len(i.id) for _, i in tagged), default=10) + 1
+            results: list[Result] = []
+            runs.append(results)
+            _run_all(tagged, opts, ns.jobs, width, ns.debug, results)
     finally:
         order = {inst.id: n for n, (_, inst) in enumerate(chosen)}
-        done = sorted(list(results), key=lambda r: order[r.instance.id])
-        write_json(results_dir / "report.json", fp, [ns.mode, *(argv or sys.argv[1:])], done)
-        write_junit(results_dir / "junit.xml", fp, done)
+        done = [sorted(rs, key=lambda r: order[r.instance.on("").id]) for rs in runs]
+        flat = [r for rs in done for r in rs]
+        write_json(results_dir / "report.json", fp, [ns.mode, *(argv or sys.argv[1:])], flat)
+        write_junit(results_dir / "junit.xml", fp, flat)
         _remove_empty(scratch)
-    return _summary(done, len(chosen))
+    status = _summary(flat, len(chosen) * len(chosen_targets))
+    if ns.diff_targets:
+        return diff_targets(done[0], done[1], chosen_targets, sys.stdout) or status
+    return status
 
 
 def _run_all(
@@ -264,8 +312,10 @@ def _print_result(r: Result, width: int, debug: bool) -> None:
 
 
 def _summary(results: list[Result], expected: int) -> int:
-    not_run = [r.instance.id for r in results if r.status == "not run"]
-    failed = [r.instance.id for r in results if r.status == "fail"]
+    def ids(status: str) -> list[str]:
+        return [r.instance.id for r in results if r.status == status]
+
+    not_run, failed, xfail, xpass = ids("not run"), ids("fail"), ids("xfail"), ids("xpass")
     n_run = len(results) - len(not_run)
     print()
     if len(results) != expected:
@@ -273,11 +323,17 @@ def _summary(results: list[Result], expected: int) -> int:
         return 1
     if not_run:
         print(f"Not run: {' '.join(not_run)}")
-    if failed:
-        print(f"Failures: {' '.join(failed)}")
-        print(f"Failed {len(failed)} of {n_run} iotests")
+    if xfail:
+        print(f"Known differences (xfail): {' '.join(xfail)}")
+    if xpass:
+        print(f"Listed as known differences but passed (xpass): {' '.join(xpass)}")
+    if failed or xpass:
+        if failed:
+            print(f"Failures: {' '.join(failed)}")
+        print(f"Failed {len(failed) + len(xpass)} of {n_run} iotests")
         return 1
-    print(f"Passed all {n_run} iotests")
+    known_note = f" ({len(xfail)} known differences)" if xfail else ""
+    print(f"Passed all {n_run} iotests{known_note}")
     return 0
 
 

@@ -1,12 +1,14 @@
 """Collects the case instances in cases/ as pytest items (loaded by conftest.py).
 
-Item names are the instance ids, which carry the transport, so
-`pytest -k uring` selects the io_uring instances; the markers legacy,
-uring, file, slow and serial select the same way with -m.
+Item names are the instance ids, which carry the transport (and a target
+other than the reference), so `pytest -k uring` selects the io_uring
+instances and `pytest --target qsd -k qsd` the QSD ones; the markers legacy,
+uring, file, slow, serial and the target's name select the same way with -m.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from ..kernel.params import read_enable_uring, restore_enable_uring
+from . import known, targets
 from .context import Instance
-from .kernel import read_enable_uring, restore_enable_uring
-from .runner import CASES_DIR, Result, RunOptions, regen_requested, run_instance
+from .runner import CASES_DIR, KNOWN_DIR, Result, RunOptions, regen_requested, run_instance
 from .spec import CaseSpec, SpecError, is_case_file, load_spec
 
 RESULTS = CASES_DIR.parent / "results" / "pytest"
@@ -27,9 +30,34 @@ SCRATCH = Path(tempfile.gettempdir()) / "fuse-iotests.pytest"
 _ENABLE_URING = pytest.StashKey[str | None]()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--target",
+        default=os.environ.get("FUSE_IOTESTS_TARGET", targets.DEFAULT),
+        help=f"what serves the case exports: {', '.join(targets.names())}",
+    )
+    parser.addoption("--qsd", default=None, help="the qemu-storage-daemon for target qsd")
+
+
+_TARGET = pytest.StashKey[targets.Target]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for kind in targets.kinds():
+        config.addinivalue_line("markers", f"{kind}: a case instance run on target {kind}")
     if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
         config.stash[_ENABLE_URING] = read_enable_uring()
+
+
+def _target(config: pytest.Config) -> targets.Target:
+    if _TARGET not in config.stash:
+        try:
+            config.stash[_TARGET] = targets.resolve(
+                config.getoption("target"), config.getoption("qsd")
+            )
+        except targets.TargetError as e:
+            raise pytest.UsageError(str(e)) from None
+    return config.stash[_TARGET]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -49,9 +77,12 @@ class CaseFile(pytest.File):
             spec = load_spec(self.path)
         except SpecError as e:
             raise self.CollectError(str(e)) from None
+        target = _target(self.config)
         for inst in spec.instances():
+            inst = inst.on(target.tag)
             item = CaseItem.from_parent(self, name=inst.id, spec=spec, instance=inst)
             item.add_marker(inst.transport or "file")
+            item.add_marker(target.name)
             if "slow" in spec.groups:
                 item.add_marker("slow")
             if spec.serial:
@@ -75,12 +106,16 @@ class CaseItem(pytest.Item):
         opts = RunOptions(
             RESULTS,
             SCRATCH,
+            _target(self.config),
             regen=regen_requested(),
+            known=known.load(KNOWN_DIR),
         )
         result = run_instance(self.spec, self.instance, opts)
         if result.status == "not run":
             pytest.skip(f"not run: {result.reason}")
-        if result.status == "fail":
+        if result.status == "xfail":
+            pytest.xfail(result.reason.splitlines()[0])
+        if result.status in ("fail", "xpass"):
             raise CaseFailed(result)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:

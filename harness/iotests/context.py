@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,11 @@ class Instance:
     mode: str  # "file" or "fuse"
     transport: str | None  # "legacy" or "uring" in fuse mode
     params: tuple[tuple[str, Any], ...] = ()
+    target: str = ""  # the target's tag; "" for the reference exporter
+
+    def on(self, target: str) -> Instance:
+        """The same instance on another target (by its tag)."""
+        return replace(self, target=target)
 
     @property
     def param_key(self) -> str:
@@ -45,6 +50,8 @@ class Instance:
     @property
     def id(self) -> str:
         head = self.transport if self.mode == "fuse" else "file"
+        if self.target:
+            head = f"{self.target}-{head}"
         key = self.param_key
         return f"{self.case_id}[{head}-{key}]" if key else f"{self.case_id}[{head}]"
 

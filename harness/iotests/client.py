@@ -1,6 +1,6 @@
 """A one-shot FUSE client: one real syscall, one line of output.
 
-    python -m harness.client [--cpu K] OP PATH ARGS...
+    python -m harness.iotests.client [--cpu K] OP PATH ARGS...
 
 Used where the test process itself must not block: a request held by fault
 injection, or I/O pinned to a CPU.  It prints "ok VALUE" or "error ERRNAME"
@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .backend import fallocate
-from .errnos import errno_name
-from .patterns import pattern_bytes
+from ..kernel.errnos import errno_name
+from ..kernel.libc import fallocate
+from ..patterns import pattern_bytes
 
 SEEK = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE}
 OPS = ("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat")
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 def start_client(
     op: str, path: Path, *args: int | str, cpu: int | None = None
 ) -> subprocess.Popen[str]:
-    """`python -m harness.client [--cpu CPU] OP PATH ARGS...`, output piped."""
+    """`python -m harness.iotests.client [--cpu CPU] OP PATH ARGS...`, output piped."""
     from .lifecycle import REPO, child_env  # not needed by the child itself
 
-    argv = [sys.executable, "-m", "harness.client"]
+    argv = [sys.executable, "-m", "harness.iotests.client"]
     if cpu is not None:
         argv += ["--cpu", str(cpu)]
     argv += [op, str(path), *map(str, args)]
@@ -93,7 +93,7 @@ def start_client(
 
 
 class ClientPool:
-    """Background one-shot clients (python -m harness.client)."""
+    """Background one-shot clients (python -m harness.iotests.client)."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []

@@ -23,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import abi
-from .abi import Op
+from ..kernel import abi
+from ..kernel.abi import Op
+from ..options import BY_KEY
 from .backend import Backend
 
 Reply = int | None
 
-DEFAULT_MAX_WRITE = 128 * 1024
+DEFAULT_MAX_WRITE: int = BY_KEY["max-write"].default
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Flags we can honour on any transport; OVER_IO_URING is added per export.
 BASE_FLAGS = abi.ASYNC_READ | abi.BIG_WRITES | abi.ASYNC_DIO | abi.MAX_PAGES | abi.INIT_EXT

@@ -5,22 +5,13 @@ Backends raise OSError with the errno the FUSE client should see.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 import threading
 
-from . import abi
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+from ..kernel import abi
+from ..kernel.libc import fallocate
 
 
 class Backend:
@@ -171,16 +162,3 @@ class NullBackend(Backend):
         if offset >= self.size:
             raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
         return offset if whence == os.SEEK_DATA else self.size
-
-
-_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Parse a size the way qemu-img does: 4096, 64k, 1M, 2G (binary units)."""
-    s = text.strip().lower()
-    num = s.rstrip("bkmgt")
-    suffix = s[len(num) :]
-    if suffix not in _SUFFIXES or not num.isdigit():
-        raise ValueError(f"Invalid size '{text}'")
-    return int(num) * _SUFFIXES[suffix]

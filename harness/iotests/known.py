@@ -1,0 +1,176 @@
+"""Known differences: reviewed expectations that an instance differs from
+its golden file on some target or kernel.
+
+The golden files stay the specification (upstream QEMU semantics).  A file
+golden/known/<name>.yaml says when it applies and which instances differ:
+
+    # one line: what this file is about
+    when: {target: qsd, version: "7.2.*"}      # and/or kernel: "<7.3"
+    differences:
+      - instances: ["eof-dd[*-growable=off]"]  # globs on ids without the target
+        reason: WRITE at EOF fails with EIO, not ENOSPC
+        upstream: changed in QEMU 8.x (308.out says "No space left on device")
+
+A listed instance that fails reports xfail (reason and diff in the report);
+one that now matches reports xpass and fails the run, so a fixed or newly
+broken target is noticed either way.  `version` and `kernel` take a glob
+("7.2.*") or comparisons ("<7.3", ">=6.16,<7.0").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .context import Instance
+from .spec import SpecError, _Loader, line_of
+
+WHEN_KEYS = {"target", "version", "kernel"}
+ENTRY_KEYS = {"instances", "reason", "upstream"}
+_CMP = re.compile(r"^\s*(<=|>=|<|>|==|!=)\s*([0-9][0-9.]*)\s*$")
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """'6.18.44-fc-v1098' -> (6, 18, 44)"""
+    m = re.match(r"[0-9]+(?:\.[0-9]+)*", text)
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
+def version_matches(version: str, constraint: str) -> bool:
+    """A glob ('7.2.*') or comma-separated comparisons ('>=6.16,<7.0')."""
+    if not any(op in constraint for op in "<>=!"):
+        return fnmatch.fnmatchcase(version, constraint)
+    have = version_tuple(version)
+    for part in constraint.split(","):
+        m = _CMP.match(part)
+        if m is None:
+            raise ValueError(f"bad version constraint '{part.strip()}'")
+        op, want = m.group(1), version_tuple(m.group(2))
+        n = len(want)  # '7.3' compares the first two fields: 7.3.4 == 7.3
+        ok = {
+            "<": have[:n] < want,
+            "<=": have[:n] <= want,
+            ">": have[:n] > want,
+            ">=": have[:n] >= want,
+            "==": have[:n] == want,
+            "!=": have[:n] != want,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Known:
+    path: Path
+    line: int
+    patterns: tuple[str, ...]
+    reason: str
+    upstream: str
+    when: dict[str, str]
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}:{self.line}"
+
+    def describe(self) -> str:
+        up = f" ({self.upstream})" if self.upstream else ""
+        return f"known difference, {self.where}: {self.reason}{up}"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What a when: clause is matched against."""
+
+    target: str
+    version: str
+    kernel: str = os.uname().release
+
+    def matches(self, when: dict[str, str]) -> bool:
+        if "target" in when and when["target"] != self.target:
+            return False
+        if "version" in when and not version_matches(self.version, when["version"]):
+            return False
+        return "kernel" not in when or version_matches(self.kernel, when["kernel"])
+
+
+class KnownDifferences:
+    def __init__(self, entries: list[Known]) -> None:
+        self.entries = entries
+
+    def match(self, inst: Instance, env: Environment) -> Known | None:
+        """The entry that lists this instance here, or None."""
+        plain = inst.on("").id
+        for e in self.entries:
+            if env.matches(e.when) and any(fnmatch.fnmatchcase(plain, p) for p in e.patterns):
+                return e
+        return None
+
+
+def load(directory: Path) -> KnownDifferences:
+    """Every golden/known/*.yaml; SpecError 'FILE:LINE: message' on bad input."""
+    entries: list[Known] = []
+    for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+        entries += _load_file(path)
+    return KnownDifferences(entries)
+
+
+def _load_file(path: Path) -> list[Known]:
+    def fail(line: int, msg: str) -> SpecError:
+        return SpecError(f"{path}:{line}: {msg}")
+
+    try:
+        data: Any = yaml.load(path.read_text(), Loader=_Loader)
+    except SpecError as e:
+        raise SpecError(f"{path}:{e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise fail(mark.line + 1 if mark else 1, f"YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict) or set(data) - {"when", "differences"}:
+        raise fail(1, "a known-differences file is a mapping with 'when' and 'differences'")
+    when = _when(data.get("when"), fail, line_of(data, "when"))
+    items = data.get("differences")
+    if not isinstance(items, list) or not items:
+        raise fail(line_of(data, "differences"), "differences must be a non-empty list")
+    out = []
+    for item in items:
+        ln = line_of(item, default=line_of(items))
+        if not isinstance(item, dict) or set(item) - ENTRY_KEYS or "reason" not in item:
+            raise fail(ln, f"an entry has instances, reason and upstream ({', '.join(ENTRY_KEYS)})")
+        pats = item.get("instances")
+        pats = [pats] if isinstance(pats, str) else pats
+        if not pats or not all(isinstance(p, str) and "[" in p for p in pats):
+            raise fail(ln, "instances: one or more instance ids or globs, e.g. 'eof-dd[*]'")
+        out.append(
+            Known(path, ln, tuple(pats), str(item["reason"]), str(item.get("upstream", "")), when)
+        )
+    return out
+
+
+def _when(when: Any, fail: Any, line: int) -> dict[str, str]:
+    if not isinstance(when, dict) or not when or set(when) - WHEN_KEYS:
+        raise fail(line, f"when: a mapping of {', '.join(sorted(WHEN_KEYS))}")
+    out = {k: str(v) for k, v in when.items()}
+    for k in ("version", "kernel"):
+        if k in out:
+            try:
+                version_matches("0", out[k])
+            except ValueError as e:
+                raise fail(line, f"when.{k}: {e}") from None
+    return out
+
+
+def markdown(known: KnownDifferences) -> str:
+    """Every entry as a Markdown table, for the README (kept in sync by a test)."""
+    rows = ["| when | instances | reason | upstream |", "|---|---|---|---|"]
+    for e in known.entries:
+        when = ", ".join(f"{k} {v}" for k, v in e.when.items())
+        pats = " ".join(f"`{p}`" for p in e.patterns)
+        rows.append(f"| {when} | {pats} | {e.reason} | {e.upstream} |")
+    return "\n".join(rows)

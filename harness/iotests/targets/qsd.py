@@ -1,0 +1,175 @@
+"""qemu-storage-daemon's FUSE export, driven as qemu-iotests drives it.
+
+The daemon starts with a QMP monitor only; the export is then set up over
+QMP with blockdev-add, object-add iothread and block-export-add, so events
+(BLOCK_EXPORT_DELETED) and errors arrive as they do in iotests.
+
+`qsd` is the qemu-storage-daemon on PATH (or QSD=PATH, or --qsd PATH);
+`qsd-11.1` is upstream QSD fetched by `tools/qsd fetch`.  What it can do is
+read from its QMP schema (query-qmp-schema), never from its version:
+`iothread` as a list (multi-queue, QEMU 10.1+) and `io-uring` in the FUSE
+export options (the FUSE-over-io_uring patches).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ...options import Settings
+from ..lifecycle import REPO, START_TIMEOUT, ExporterProcess, ExportFailed, child_env
+from ..waiting import WaitTimeout, wait_until
+from . import Target, TargetError
+
+NAMES = ("qsd", "qsd-11.1")
+FETCHED = REPO / ".cache" / "qsd-11.1" / "qemu-storage-daemon"
+# The export options QSD has (the rest: instances that set them are not run).
+OPTIONS = frozenset({"writable", "growable", "allow-other", "queues", "io-uring", "null"})
+
+
+def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
+    return [
+        binary,
+        "--chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
+        "--monitor", "chardev=qmp0",
+    ]  # fmt: skip
+
+
+class QsdExporter(ExporterProcess):
+    fstype = "fuse"  # libfuse's plain type: ownership is by mount id
+
+    def __init__(
+        self,
+        target: Qsd,
+        workdir: Path,
+        mountpoint: Path,
+        image: Path | None,
+        settings: Settings,
+    ) -> None:
+        super().__init__(workdir, mountpoint)
+        self.target = target
+        self.image = image
+        self.settings = settings
+
+    def command(self) -> list[str]:
+        monitor = qmp_monitor_argv(self.target.binary, self.qmp_path)
+        return [*monitor, "--pidfile", str(self.pidfile)]
+
+    def configure(self) -> None:
+        s = self.settings
+        if s["null"] is not None:
+            node = {"driver": "null-co", "size": s["null"], "read-zeroes": True}
+        else:
+            node = {"driver": "file", "filename": str(self.image)}
+        self._setup("blockdev-add", {"node-name": "n0", **node})
+        export: dict[str, Any] = {
+            "type": "fuse",
+            "id": "e0",
+            "node-name": "n0",
+            "mountpoint": str(self.mountpoint),
+            "writable": s["writable"],
+            "growable": s["growable"],
+            "allow-other": s["allow-other"],
+        }
+        if s["queues"] > 1:
+            threads = [f"iothread{i}" for i in range(s["queues"])]
+            for t in threads:
+                self._setup("object-add", {"qom-type": "iothread", "id": t})
+            export["iothread"] = threads
+        if s["io-uring"] == "on":
+            export["io-uring"] = True
+        resp = self.qmp().cmd_raw("block-export-add", export)
+        if "error" in resp:
+            raise ExportFailed(resp["error"]["desc"])
+
+    def _setup(self, command: str, args: dict[str, Any]) -> None:
+        resp = self.qmp().cmd_raw(command, args)
+        if "error" in resp:
+            raise RuntimeError(f"{command}: {resp['error']['desc']}")
+
+
+class Qsd(Target):
+    def exporter(
+        self, workdir: Path, mountpoint: Path, image: Path | None, settings: Settings
+    ) -> ExporterProcess:
+        return QsdExporter(self, workdir, mountpoint, image, settings)
+
+
+def detect(name: str, binary: str | None) -> Target:
+    path = binary or (str(FETCHED) if name == "qsd-11.1" else os.environ.get("QSD"))
+    path = path or shutil.which("qemu-storage-daemon")
+    if name == "qsd-11.1" and not FETCHED.exists() and not binary:
+        raise TargetError("target qsd-11.1 is not fetched: run tools/qsd fetch")
+    if not path or not os.access(path, os.X_OK):
+        raise TargetError(
+            f"target {name}: no qemu-storage-daemon ({path or 'not on PATH'}; set QSD=PATH)"
+        )
+    version, schema = query(path)
+    return Qsd("qsd", version, capabilities(schema), OPTIONS, binary=path)
+
+
+def query(binary: str) -> tuple[str, list[dict[str, Any]]]:
+    """(version, QMP schema) from a daemon with nothing but a monitor."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    with tempfile.TemporaryDirectory(prefix="fuse-iotests-qsd-") as tmp:
+        sock = Path(tmp) / "qmp.sock"
+        proc = subprocess.Popen(
+            qmp_monitor_argv(binary, sock),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+        )
+        try:
+            wait_until(
+                lambda: sock.exists() or proc.poll() is not None,
+                START_TIMEOUT,
+                f"{binary}'s QMP socket",
+            )
+            if proc.poll() is not None:
+                err = (proc.stderr.read().decode(errors="replace") if proc.stderr else "").strip()
+                raise TargetError(f"{binary} exited with {proc.returncode}: {err}")
+            qmp = QEMUMonitorProtocol(str(sock))
+            qmp.connect()
+            try:
+                v = qmp.cmd("query-version")["qemu"]
+                schema = qmp.cmd("query-qmp-schema")
+            finally:
+                qmp.close()
+            proc.terminate()
+            proc.wait(START_TIMEOUT)
+        except (OSError, EOFError, WaitTimeout, subprocess.TimeoutExpired) as e:
+            raise TargetError(f"{binary}: cannot query its QMP schema: {e}") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+    return f"{v['major']}.{v['minor']}.{v['micro']}", schema
+
+
+def capabilities(schema: list[dict[str, Any]]) -> frozenset[str]:
+    """What the block-export-add arguments in a QMP schema allow.
+
+    Type names in query-qmp-schema are opaque, so the FUSE options are found
+    from the command: its argument type, the 'fuse' variant, its members."""
+    types = {e["name"]: e for e in schema}
+    cmd = types.get("block-export-add")
+    if cmd is None:
+        return frozenset()
+    args = types[cmd["arg-type"]]
+    caps = set()
+    for m in args.get("members", []):
+        if m["name"] == "iothread" and types.get(m["type"], {}).get("meta-type") == "alternate":
+            caps.add("multi-queue")  # str or [str]: one FUSE queue per iothread
+    for v in args.get("variants", []):
+        fuse = types[v["type"]] if v["case"] == "fuse" else {}
+        if "io-uring" in {m["name"] for m in fuse.get("members", [])}:
+            caps.add("io-uring")
+    return frozenset(caps)
