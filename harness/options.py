@@ -125,7 +125,7 @@ OPTIONS: tuple[ExportOption, ...] = (
         metavar="SIZE",
     ),
     ExportOption(
-        "null",
+        "null-size",
         size_bytes,
         None,
         "export null-co of this size instead of an image",

@@ -34,11 +34,11 @@ CASES = {
         "Could not open '{tmp}/nope.img': No such file or directory",
     ),
     "image-is-dir": (["--image", "{dir}", "--mountpoint", "{mp}"], "Could not open '{dir}': "),
-    "bad-null-size": (["--null", "12x", "--mountpoint", "{mp}"], "Invalid size '12x'"),
-    "zero-null-size": (["--null", "0", "--mountpoint", "{mp}"], "Invalid size '0'"),
+    "bad-null-size": (["--null-size", "12x", "--mountpoint", "{mp}"], "Invalid size '12x'"),
+    "zero-null-size": (["--null-size", "0", "--mountpoint", "{mp}"], "Invalid size '0'"),
     "image-and-null": (
-        ["--image", "{img}", "--null", "1M", "--mountpoint", "{mp}"],
-        "exactly one of --image and --null is required",
+        ["--image", "{img}", "--null-size", "1M", "--mountpoint", "{mp}"],
+        "exactly one of --image and --null-size is required",
     ),
     "unknown-option": (
         ["--image", "{img}", "--mountpoint", "{mp}", "--frobnicate"],

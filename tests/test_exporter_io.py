@@ -241,7 +241,7 @@ def test_read_only_export_refuses_writes(exports, transport):
 
 
 def test_null_backend(exports, transport):
-    exp = exports.start(null="64M", writable=True)
+    exp = exports.start(null_size="64M", writable=True)
     fd = os.open(exp.mountpoint, os.O_RDWR)
     try:
         assert os.fstat(fd).st_size == 64 * MiB

@@ -28,7 +28,7 @@ from typing import Any
 from .. import __version__
 from ..cli import OneLineParser
 from ..kernel import abi
-from ..kernel.mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount
+from ..kernel.mount import MS_NOATIME, MS_NODEV, MS_NOSUID, MS_RDONLY, find_mount, mount, umount
 from ..layout import possible_cpus, ring_queues_of
 from ..options import BY_KEY, FSTYPE, OPTIONS, Settings
 from .backend import Backend, ImageBackend, NullBackend
@@ -121,8 +121,8 @@ class Export:
 
     def _validate_options(self) -> None:
         o = self.opts
-        if (o.image is None) == (o.null is None):
-            raise ExportError("exactly one of --image and --null is required")
+        if (o.image is None) == (o.null_size is None):
+            raise ExportError("exactly one of --image and --null-size is required")
         if o.queues < 1:
             raise ExportError(f"--queues must be at least 1, not {o.queues}")
         if o.ring_depth < 1:
@@ -152,8 +152,8 @@ class Export:
 
     def _open_backend(self) -> Backend:
         o = self.opts
-        if o.null is not None:
-            return NullBackend(o.null)
+        if o.null_size is not None:
+            return NullBackend(o.null_size)
         assert o.image is not None
         try:
             return ImageBackend(o.image, o.writable)
@@ -171,7 +171,9 @@ class Export:
             "default_permissions",
         ]
         source = o.image or "null-co"
-        flags = MS_NOSUID | MS_NODEV
+        # As upstream fuse.c: "ro" for a read-only export, so the VFS refuses
+        # a write open (and chmod) with EROFS before any request is sent.
+        flags = MS_NOSUID | MS_NODEV | MS_NOATIME | (0 if o.writable else MS_RDONLY)
         attempts = {"on": [True], "off": [False], "auto": [True, False]}[o.allow_other]
         for i, allow_other in enumerate(attempts):
             data = ",".join(base + (["allow_other"] if allow_other else []))
@@ -484,7 +486,7 @@ def _write_pidfile(path: str) -> None:
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
     p = OneLineParser(prog="export", description="Export one image as a regular-file FUSE mount.")
-    p.add_argument("--image", metavar="IMG", help="raw image file to export (or --null)")
+    p.add_argument("--image", metavar="IMG", help="raw image file to export (or --null-size)")
     p.add_argument("--mountpoint", metavar="MP", required=True, help="an existing regular file")
     for o in OPTIONS:  # the export options: one table (harness/options.py)
         if o.switch:

@@ -3,7 +3,7 @@
     tools/bench [--runtime S] [--queues N] [--no-qsd]
 
 randrw 70/30, bs=4k, libaio, direct=1, iodepth {1,64} x numjobs {1,4}, on a
---null export (null-co), so the figures measure the FUSE path, not a disk.
+--null-size export (null-co), so the figures measure the FUSE path, not a disk.
 Prints IOPS and mean latency per cell for the classic transport, io_uring,
 and qemu-storage-daemon's classic export as a reference.  A benchmark, not
 a test: it prints figures and never fails on a slow machine.
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: fio is not installed", file=sys.stderr)
         return 1
     rows = {}
-    base = Settings().with_({"null": SIZE, "writable": True, "queues": opts.queues})
+    base = Settings().with_({"null-size": SIZE, "writable": True, "queues": opts.queues})
     reference = resolve("reference")
     try:
         rows["classic"] = bench_exporter(reference, base, opts.runtime)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             except TargetError as e:
                 print(f"qsd not run: {e}", file=sys.stderr)
             else:
-                single = Settings().with_({"null": SIZE, "writable": True, "allow-other": "off"})
+                single = base.with_({"queues": 1, "allow-other": "off"})
                 rows[f"qsd-{qsd.version}"] = bench_exporter(qsd, single, opts.runtime)
     finally:
         TRACKER.cleanup_all()

@@ -75,6 +75,11 @@ FILTERS: list[Filter] = [
         "dd's '... copied, 0.01 s, 1 MB/s' loses the time and the rate",
         _sub(r"copied, [0-9.e-]+ s, [0-9.,]+ [kMGT]?B/s", "copied, TIME, RATE"),
     ),
+    Filter(
+        "qemu_img_bench",
+        "qemu-img bench's 'Run completed in 0.51 seconds.' loses the time, as 308 does",
+        _sub(r"^Run completed in [0-9.]+ seconds\.$", "Run completed in X.XXX seconds.", re.M),
+    ),
     Filter("pid", "'pid 1234' becomes 'pid PID'", _sub(r"\bpid [0-9]+", "pid PID")),
     Filter(
         "fuse_minor",

@@ -74,7 +74,7 @@ class Exports:
         unset ones are what a case gets (writable, allow-other off)."""
         options.setdefault("io_uring", IO_URING_MODE[self.transport])
         settings = CASE_DEFAULTS.with_({k.replace("_", "-"): v for k, v in options.items()})
-        if image is None and settings["null"] is None:
+        if image is None and settings["null-size"] is None:
             image = self.image()
         work = self.dir / f"export{len(self.started)}"
         work.mkdir()

@@ -36,6 +36,12 @@ ENTRY_KEYS = {"instances", "reason", "upstream"}
 _CMP = re.compile(r"^\s*(<=|>=|<|>|==|!=)\s*([0-9][0-9.]*)\s*$")
 
 
+def id_glob(pattern: str) -> re.Pattern[str]:
+    """An instance-id glob: * and ? are wildcards, brackets are literal
+    (ids are 'case[params]', so fnmatch's [classes] would never match)."""
+    return re.compile(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."))
+
+
 def version_tuple(text: str) -> tuple[int, ...]:
     """'6.18.44-fc-v1098' -> (6, 18, 44)"""
     m = re.match(r"[0-9]+(?:\.[0-9]+)*", text)
@@ -104,13 +110,15 @@ class KnownDifferences:
     def __init__(self, entries: list[Known]) -> None:
         self.entries = entries
 
-    def match(self, inst: Instance, env: Environment) -> Known | None:
-        """The entry that lists this instance here, or None."""
+    def match(self, inst: Instance, env: Environment) -> list[Known]:
+        """The entries that list this instance here (an instance may differ for
+        more than one reason)."""
         plain = inst.on("").id
-        for e in self.entries:
-            if env.matches(e.when) and any(fnmatch.fnmatchcase(plain, p) for p in e.patterns):
-                return e
-        return None
+        return [
+            e
+            for e in self.entries
+            if env.matches(e.when) and any(id_glob(p).fullmatch(plain) for p in e.patterns)
+        ]
 
 
 def load(directory: Path) -> KnownDifferences:

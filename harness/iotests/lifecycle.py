@@ -102,6 +102,7 @@ class ExporterProcess:
         if self.returncode() is not None:
             raise ExportFailed(self.start_failure())
         self.configure()
+        self.qmp()  # connected from the start: no event is missed
         entry = find_mount(str(self.mountpoint))
         if entry is None or not entry.is_fuse or entry.mount_id == self._mount_before:
             raise RuntimeError(f"export started but no new FUSE mount on {self.mountpoint}")

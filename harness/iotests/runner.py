@@ -122,7 +122,7 @@ def target_problem(spec: CaseSpec, inst: Instance, target: Target) -> str | None
     if settings is None:
         return None
     needs = set().union(*(STEPS[name].needs for name in spec.step_names()))
-    problems = [target.lacks(needs), target.settings_problem(settings)]
+    problems = [target.settings_problem(settings), target.lacks(needs)]
     params = dict(inst.params)
     for s in spec.all_steps():
         if s.name == "start-export":
@@ -251,15 +251,16 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
 
 def _apply_known(result: Result, opts: RunOptions) -> None:
     """A listed instance that fails is an xfail; one that passes, an xpass."""
-    entry = opts.known.match(result.instance, opts.environment())
-    if entry is None:
+    entries = opts.known.match(result.instance, opts.environment())
+    if not entries:
         return
     if result.status == "fail":
         result.status = "xfail"
-        result.reason = f"{entry.describe()}\n{result.reason}"
+        result.reason = "\n".join([*(e.describe() for e in entries), result.reason])
     elif result.status == "pass":
+        where = ", ".join(e.where for e in entries)
         result.status = "xpass"
-        result.reason = f"matches its golden file, but {entry.where} lists it: remove the entry"
+        result.reason = f"matches its golden file, but {where} lists it: remove the entry"
 
 
 def _prepare(

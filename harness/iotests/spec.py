@@ -148,6 +148,7 @@ class CaseSpec:
             out.append(s)
             if s.name == "cycles" and isinstance(s.arg, dict):
                 for sub in s.arg.get("steps") or []:
+                    sub = {sub: None} if isinstance(sub, str) else sub
                     if isinstance(sub, dict) and sub:
                         name, arg = next(iter(sub.items()))
                         out.append(Step(str(name), arg, line_of(sub, default=s.line)))

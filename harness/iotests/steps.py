@@ -99,9 +99,13 @@ def mapping(v: Any) -> dict[str, Any]:
 
 
 def step_list(v: Any) -> list[dict[str, Any]]:
-    if not isinstance(v, list) or not all(isinstance(x, dict) and len(x) == 1 for x in v):
+    """Steps as in a case: 'name: argument' mappings or bare names."""
+    if not isinstance(v, list):
         raise ValueError("must be a list of 'name: argument' steps")
-    return list(v)
+    out = [{x: None} if isinstance(x, str) else x for x in v]
+    if not all(isinstance(x, dict) and len(x) == 1 for x in out):
+        raise ValueError("must be a list of 'name: argument' steps or bare step names")
+    return out
 
 
 def text(v: Any) -> str:
@@ -213,6 +217,7 @@ class StepDef:
     doc: str = ""
     metavar: str = ""
     needs: frozenset[str] = frozenset()  # target capabilities (targets.CAPABILITIES)
+    fuse: bool = False  # fuse mode only (not -file), export running or not
 
     def convert(self, arg: Any) -> Any:
         if arg is None and (self.optional or (self.fields is None and self.scalar is None)):
@@ -235,10 +240,13 @@ def step(
     export: bool = False,
     metavar: str = "",
     needs: tuple[str, ...] = (),
+    fuse: bool = False,
 ) -> Callable[[Callable[[Session, Any], None]], Callable[[Session, Any], None]]:
     def register(fn: Callable[[Session, Any], None]) -> Callable[[Session, Any], None]:
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        STEPS[name] = StepDef(fn, fields, scalar, optional, export, doc, metavar, frozenset(needs))
+        STEPS[name] = StepDef(
+            fn, fields, scalar, optional, export, doc, metavar, frozenset(needs), fuse
+        )
         return fn
 
     return register
@@ -249,7 +257,7 @@ def check_step(name: str, arg: Any, inst: Instance) -> None:
     sd = STEPS.get(name)
     if sd is None:
         raise ValueError(f"unknown step (known: {', '.join(sorted(STEPS))})")
-    if sd.export and inst.mode == "file":
+    if (sd.export or sd.fuse) and inst.mode == "file":
         raise ValueError("needs a FUSE export, so the case cannot have mode 'file'")
     value = sd.convert(arg)
     if name == "background":
@@ -263,7 +271,7 @@ def check_step(name: str, arg: Any, inst: Instance) -> None:
         if "pattern" in value and value["op"] != "pwrite":
             raise ValueError("only pwrite takes a pattern")
     if name == "cycles":
-        for sub in arg.get("steps", []):
+        for sub in value.get("steps", []):
             (sub_name, sub_arg), *_ = sub.items()
             if sub_name in ("cycles", "kernel-param", "start-export"):
                 raise ValueError(f"'{sub_name}' cannot run inside cycles")
@@ -336,6 +344,7 @@ class Session:
     filter_env: FilterEnv | None = None
     cpu: int | None = None
     unpinned: set[int] | None = None  # the case thread's CPUs before `pin`
+    disk_usage: int | None = None  # the image's st_blocks at the last disk-usage
 
     def __post_init__(self) -> None:
         self.ctx.defer(self.clients.cleanup, "background clients")
@@ -363,7 +372,7 @@ class Session:
         n = len(list(self.ctx.workdir.glob("export*")))
         work = self.ctx.workdir / f"export{n}"
         work.mkdir()
-        image = None if settings["null"] is not None else self.image
+        image = None if settings["null-size"] is not None else self.image
         exp = self.export_target.exporter(work, self.target, image, settings)
         self.ctx.defer(exp.cleanup, f"exporter {work.name}")
         self.ctx.diagnose(exp.report)
@@ -388,8 +397,14 @@ class Session:
             raise RuntimeError("no export is running (export.start is false?)")
         return self.exporter
 
-    def open(self, flags: int) -> int:
-        return os.open(self.target, flags | os.O_CLOEXEC)
+    def open(self, flags: int) -> int | None:
+        """The target opened, or None after logging why open(2) failed: a
+        read-only mount refuses O_RDWR with EROFS before any request."""
+        try:
+            return os.open(self.target, flags | os.O_CLOEXEC)
+        except OSError as e:
+            self.log(f"open failed: {describe(e)}")
+            return None
 
 
 # -- I/O ------------------------------------------------------------------
@@ -405,6 +420,8 @@ def _write(s: Session, a: dict[str, Any]) -> None:
     buf = page_buffer(length)
     buf[:length] = fill_bytes(a.get("pattern", 0xAB), off, length)
     fd = s.open(os.O_RDWR)
+    if fd is None:
+        return
     try:
         t0 = time.monotonic()
         n = os.pwrite(fd, memoryview(buf)[:length], off)
@@ -427,6 +444,8 @@ def _read(s: Session, a: dict[str, Any]) -> None:
     off, length = a["offset"], a["length"]
     buf = page_buffer(length)
     fd = s.open(os.O_RDONLY)
+    if fd is None:
+        return
     try:
         t0 = time.monotonic()
         n = os.preadv(fd, [memoryview(buf)[:length]], off)
@@ -456,10 +475,71 @@ def _qemu_io(s: Session, cmds: list[str]) -> None:
         s.log(f"qemu-io: exit {res.returncode}")
 
 
+@step("qemu-img", scalar=text, metavar="ARGS")
+def _qemu_img(s: Session, args: str) -> None:
+    """Run the real qemu-img with these arguments ($TARGET, $IMAGE, $TEST_DIR expanded)."""
+    _run_tool(s, ["qemu-img", *s.expand(args).split()], "qemu-img")
+
+
+@step("chmod", scalar=text, metavar="MODE")
+def _chmod(s: Session, mode: str) -> None:
+    """Run chmod(1) with a mode (u+x, 0600) on the target; print its errors and status."""
+    _run_tool(s, ["chmod", mode, str(s.target)], "chmod")
+
+
+def _run_tool(s: Session, argv: list[str], name: str) -> None:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=IO_TIMEOUT)
+    for line in (res.stdout + res.stderr).splitlines():
+        s.log(line)
+    if res.returncode:
+        s.log(f"{name}: exit {res.returncode}")
+
+
+MOUNTPOINTS = ("missing", "directory", "file", "image")
+
+
+@step(
+    "mountpoint",
+    scalar=choice(*MOUNTPOINTS),
+    fuse=True,
+    metavar="missing, directory, file or image",
+)
+def _mountpoint(s: Session, kind: str) -> None:
+    """Make the next export's mountpoint missing, a directory, a file, or the image itself."""
+    if s.exporter is not None and s.exporter.is_mounted():
+        raise RuntimeError("mountpoint step: an export is mounted there")
+    if kind == "image":
+        s.target = s.image
+    else:
+        s.target = s.ctx.workdir / "disk.fuse"
+        if s.target.is_dir():
+            s.target.rmdir()
+        else:
+            s.target.unlink(missing_ok=True)
+        if kind == "directory":
+            s.target.mkdir()
+        elif kind == "file":
+            s.target.touch()
+    s.log(f"mountpoint: {kind}")
+
+
+@step("disk-usage")
+def _disk_usage(s: Session, _: None) -> None:
+    """Print whether the image's allocated blocks grew since the last disk-usage."""
+    blocks = os.stat(s.image).st_blocks
+    before, s.disk_usage = s.disk_usage, blocks
+    if before is None:
+        s.log("disk usage: recorded")
+    else:
+        s.log(f"disk usage: {'grew' if blocks > before else 'did not grow'}")
+
+
 @step("truncate", scalar=size, metavar="SIZE")
 def _truncate(s: Session, length: int) -> None:
     """ftruncate(2) the target to a size."""
     fd = s.open(os.O_RDWR)
+    if fd is None:
+        return
     try:
         os.ftruncate(fd, length)
         s.log(f"truncate {length}: ok")
@@ -481,6 +561,8 @@ def _fallocate(s: Session, a: dict[str, Any]) -> None:
         mode |= FALLOC_MODES[part]
     what = f"fallocate {mode_s or 'default'} {a['offset']}+{a['length']}"
     fd = s.open(os.O_RDWR)
+    if fd is None:
+        return
     try:
         fallocate(fd, mode, a["offset"], a["length"])
         s.log(f"{what}: ok")
@@ -497,6 +579,8 @@ WHENCE = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE, "set": os.SEEK_SET, "end":
 def _lseek(s: Session, a: dict[str, Any]) -> None:
     """lseek(2) with SEEK_DATA/SEEK_HOLE/SEEK_SET/SEEK_END; print the result or errno."""
     fd = s.open(os.O_RDONLY)
+    if fd is None:
+        return
     try:
         s.log(
             f"lseek {a['whence']} {a['offset']}: {os.lseek(fd, a['offset'], WHENCE[a['whence']])}"
@@ -511,6 +595,8 @@ def _lseek(s: Session, a: dict[str, Any]) -> None:
 def _map(s: Session, _: None) -> None:
     """Print the data/hole map from SEEK_DATA/SEEK_HOLE, like qemu-img map."""
     fd = s.open(os.O_RDONLY)
+    if fd is None:
+        return
     try:
         end = os.fstat(fd).st_size
         pos = 0
@@ -559,6 +645,8 @@ def _stat(s: Session, fields: list[str] | None) -> None:
 def _fsync(s: Session, _: None) -> None:
     """fsync(2) the target."""
     fd = s.open(os.O_RDWR)
+    if fd is None:
+        return
     try:
         os.fsync(fd)
         s.log("fsync: ok")
@@ -618,6 +706,8 @@ def _fio(s: Session, a: dict[str, Any]) -> None:
             "--verify_fatal=1",
             "--verify_state_save=0",
         ]
+        # Jobs verifying one region would overwrite each other's data.
+        argv.append(f"--offset_increment={a['size']}")
     res = subprocess.run(
         argv, capture_output=True, text=True, timeout=IO_TIMEOUT * 3, cwd=s.ctx.workdir
     )
@@ -761,6 +851,23 @@ def _qmp(s: Session, a: dict[str, Any]) -> None:
     resp = s.need_exporter().qmp().cmd_raw(a["execute"], a.get("arguments"))
     resp.pop("id", None)
     s.log(json.dumps(resp, sort_keys=True))
+
+
+@step("qmp-event", scalar=text, export=True, metavar="EVENT")
+def _qmp_event(s: Session, name: str) -> None:
+    """Wait (bounded) for a QMP event on the control socket; print it without its timestamp."""
+    qmp = s.need_exporter().qmp()
+    seen: list[str] = []
+
+    def arrived() -> dict[str, Any] | None:
+        event = qmp.pull_event(wait=False)
+        if event is not None and event["event"] != name:
+            seen.append(event["event"])
+            return None
+        return event
+
+    event = s.ctx.wait(arrived, IO_TIMEOUT, f"QMP event {name} (others seen: {seen})")
+    s.log(json.dumps({"data": event.get("data"), "event": name}, sort_keys=True))
 
 
 @step("umount", {"lazy": (boolean, False)}, optional=True, export=True)

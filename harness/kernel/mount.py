@@ -13,8 +13,10 @@ import os
 import re
 from dataclasses import dataclass
 
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOATIME = 0x400
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 

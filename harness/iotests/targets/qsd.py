@@ -28,7 +28,7 @@ from . import Target, TargetError
 NAMES = ("qsd", "qsd-11.1")
 FETCHED = REPO / ".cache" / "qsd-11.1" / "qemu-storage-daemon"
 # The export options QSD has (the rest: instances that set them are not run).
-OPTIONS = frozenset({"writable", "growable", "allow-other", "queues", "io-uring", "null"})
+OPTIONS = frozenset({"writable", "growable", "allow-other", "queues", "io-uring", "null-size"})
 
 
 def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
@@ -61,27 +61,14 @@ class QsdExporter(ExporterProcess):
 
     def configure(self) -> None:
         s = self.settings
-        if s["null"] is not None:
-            node = {"driver": "null-co", "size": s["null"], "read-zeroes": True}
+        if s["null-size"] is not None:
+            node = {"driver": "null-co", "size": s["null-size"], "read-zeroes": True}
         else:
             node = {"driver": "file", "filename": str(self.image)}
         self._setup("blockdev-add", {"node-name": "n0", **node})
-        export: dict[str, Any] = {
-            "type": "fuse",
-            "id": "e0",
-            "node-name": "n0",
-            "mountpoint": str(self.mountpoint),
-            "writable": s["writable"],
-            "growable": s["growable"],
-            "allow-other": s["allow-other"],
-        }
-        if s["queues"] > 1:
-            threads = [f"iothread{i}" for i in range(s["queues"])]
-            for t in threads:
-                self._setup("object-add", {"qom-type": "iothread", "id": t})
-            export["iothread"] = threads
-        if s["io-uring"] == "on":
-            export["io-uring"] = True
+        export = export_arguments(s, self.mountpoint)
+        for t in export.get("iothread", []):
+            self._setup("object-add", {"qom-type": "iothread", "id": t})
         resp = self.qmp().cmd_raw("block-export-add", export)
         if "error" in resp:
             raise ExportFailed(resp["error"]["desc"])
@@ -90,6 +77,26 @@ class QsdExporter(ExporterProcess):
         resp = self.qmp().cmd_raw(command, args)
         if "error" in resp:
             raise RuntimeError(f"{command}: {resp['error']['desc']}")
+
+
+def export_arguments(s: Settings, mountpoint: Path) -> dict[str, Any]:
+    """block-export-add's arguments for these settings (node n0, export e0).
+    Whether the target has io-uring and iothread lists is checked before
+    (Target.settings_problem), from its schema."""
+    export: dict[str, Any] = {
+        "type": "fuse",
+        "id": "e0",
+        "node-name": "n0",
+        "mountpoint": str(mountpoint),
+        "writable": s["writable"],
+        "growable": s["growable"],
+        "allow-other": s["allow-other"],
+    }
+    if s["queues"] > 1:
+        export["iothread"] = [f"iothread{i}" for i in range(s["queues"])]
+    if s["io-uring"] == "on":
+        export["io-uring"] = True
+    return export
 
 
 class Qsd(Target):
