@@ -102,6 +102,20 @@ def test_setattr_ignores_fh_and_lock_owner(handler: ExportHandler) -> None:
     assert abi.ATTR_OUT.unpack(reply)[4] == 100  # attr.size
 
 
+def test_read_only_export_refuses_writes_itself(tmp_path: Path) -> None:
+    """The mount is "ro", so the VFS refuses first; the handler still does."""
+    img = tmp_path / "img"
+    img.write_bytes(bytes(4096))
+    ro = ExportHandler(ImageBackend(str(img), writable=False), ExportConfig(writable=False))
+    write = abi.WRITE_IN.pack(0, 0, 20, 0, 0, 0, 0)
+    assert handle(ro, request(Op.WRITE, write, b"x" * 20))[0] == -errno.EACCES
+    size = abi.SETATTR_IN.pack(abi.FATTR_SIZE, 0, 0, 100, *(0,) * 12)
+    assert handle(ro, request(Op.SETATTR, size))[0] == -errno.EACCES
+    grow = abi.FALLOCATE_IN.pack(0, 4096, 4096, 0, 0)
+    assert handle(ro, request(Op.FALLOCATE, grow))[0] == -errno.EACCES
+    assert img.read_bytes() == bytes(4096)
+
+
 def test_no_reply_and_unknown_opcodes(handler: ExportHandler) -> None:
     assert handle(handler, request(Op.FORGET, b"\0" * 8))[0] is None
     assert handle(handler, request(Op.INTERRUPT, b"\0" * 8))[0] is None

@@ -40,8 +40,9 @@ class Instance:
     target: str = ""  # the target's tag; "" for the reference exporter
 
     def on(self, target: str) -> Instance:
-        """The same instance on another target (by its tag)."""
-        return replace(self, target=target)
+        """The same instance on another target (by its tag).  A -file instance
+        runs on the image itself, whatever the target: it keeps no tag."""
+        return self if self.mode == "file" else replace(self, target=target)
 
     @property
     def param_key(self) -> str:

@@ -180,5 +180,6 @@ def markdown(known: KnownDifferences) -> str:
     for e in known.entries:
         when = ", ".join(f"{k} {v}" for k, v in e.when.items())
         pats = " ".join(f"`{p}`" for p in e.patterns)
-        rows.append(f"| {when} | {pats} | {e.reason} | {e.upstream} |")
+        cells = [when, pats, e.reason, e.upstream]
+        rows.append("| " + " | ".join(c.replace("|", "&#124;") for c in cells) + " |")
     return "\n".join(rows)

@@ -45,18 +45,15 @@ _TARGET = pytest.StashKey[targets.Target]()
 def pytest_configure(config: pytest.Config) -> None:
     for kind in targets.kinds():
         config.addinivalue_line("markers", f"{kind}: a case instance run on target {kind}")
+    try:
+        config.stash[_TARGET] = targets.resolve(config.getoption("target"), config.getoption("qsd"))
+    except targets.TargetError as e:
+        raise pytest.UsageError(str(e)) from None
     if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
         config.stash[_ENABLE_URING] = read_enable_uring()
 
 
 def _target(config: pytest.Config) -> targets.Target:
-    if _TARGET not in config.stash:
-        try:
-            config.stash[_TARGET] = targets.resolve(
-                config.getoption("target"), config.getoption("qsd")
-            )
-        except targets.TargetError as e:
-            raise pytest.UsageError(str(e)) from None
     return config.stash[_TARGET]
 
 
@@ -82,7 +79,8 @@ class CaseFile(pytest.File):
             inst = inst.on(target.tag)
             item = CaseItem.from_parent(self, name=inst.id, spec=spec, instance=inst)
             item.add_marker(inst.transport or "file")
-            item.add_marker(target.name)
+            if inst.mode == "fuse":
+                item.add_marker(target.name)
             if "slow" in spec.groups:
                 item.add_marker("slow")
             if spec.serial:

@@ -50,9 +50,7 @@ def _escape(body: str) -> str:
 
 def render(text: str) -> str:
     for name, make in SECTIONS.items():
-        pattern = re.compile(
-            rf"(<!-- generated: {name} -->\n)(?:.*?\n)?(<!-- end: {name} -->)", re.DOTALL
-        )
+        pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)", re.DOTALL)
         if not pattern.search(text):
             raise SystemExit(f"readme: README.md has no '<!-- generated: {name} -->' section")
         text = pattern.sub(rf"\g<1>{_escape(make())}\n\g<2>", text)

@@ -71,7 +71,10 @@ class RunOptions:
     timeout_scale: float = 1.0
     known: KnownDifferences = field(default_factory=lambda: KnownDifferences([]))
 
-    def environment(self) -> Environment:
+    def environment(self, inst: Instance) -> Environment:
+        """What known differences are matched against (-file: no target)."""
+        if inst.mode == "file":
+            return Environment("", "")
         return Environment(self.target.name, self.target.version)
 
 
@@ -251,7 +254,7 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
 
 def _apply_known(result: Result, opts: RunOptions) -> None:
     """A listed instance that fails is an xfail; one that passes, an xpass."""
-    entries = opts.known.match(result.instance, opts.environment())
+    entries = opts.known.match(result.instance, opts.environment(result.instance))
     if not entries:
         return
     if result.status == "fail":
