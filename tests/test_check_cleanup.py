@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,3 +141,67 @@ def test_interrupt_with_parallel_jobs(tmp_path: Path) -> None:
     assert [(r["id"], r["status"]) for r in report["results"]] == [
         (f"{c}[legacy]", "not run") for c in cases
     ]
+
+
+WAITING = """\
+# Guards: nothing; a test fixture that waits (bounded) with its export mounted.
+id: {case}
+description: an export that stays mounted while the case waits for an event
+groups: [quick]
+steps:
+  - qmp-event: NO_SUCH_EVENT
+"""
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="no qemu-storage-daemon")
+def test_interrupt_removes_qsd_daemons_and_mounts(tmp_path: Path) -> None:
+    """Ctrl-C during a qsd run: the daemon and its plain 'fuse' mount go too."""
+    case = f"waiting-qsd-{os.getpid()}"
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / f"{case}.yaml").write_text(WAITING.format(case=case))
+    argv = [
+        sys.executable, "-m", "harness.iotests.check", "--target", "qsd",
+        "--cases", str(tmp_path / "cases"), "--golden", str(tmp_path / "golden"),
+        "--results", str(tmp_path / "res"),
+    ]  # fmt: skip
+    marker = f"/{case}-qsd-legacy."
+
+    def mounts() -> list[str]:
+        return [e.mountpoint for e in mount_table() if e.is_fuse and marker in e.mountpoint]
+
+    def daemons() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-storage-daemon" in cmdline and marker.encode() in cmdline:
+                found.append(int(pid))
+        return found
+
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_until(lambda: mounts() and daemons(), 20, "the qsd instance's mount")
+        assert [e.fstype for e in mount_table() if marker in e.mountpoint] == ["fuse"]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        left = (mounts(), daemons())  # before the safety net below
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in daemons():  # ours: the case name is unique
+            os.kill(pid, signal.SIGKILL)
+        for mp in mounts():
+            umount(mp, lazy=True)
+    assert proc.returncode == 130, err
+    assert left == ([], []), err

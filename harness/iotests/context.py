@@ -129,8 +129,14 @@ class CaseContext:
         return "\n".join(p for p in parts if p)
 
     def wait(self, condition: Callable[[], T], timeout: float, what: str) -> T:
-        """A bounded poll that reports the instance's diagnostics on timeout."""
-        return wait_until(condition, timeout, what, self.report)
+        """A bounded poll that reports the instance's diagnostics on timeout,
+        and stops at once when the instance is cancelled (Ctrl-C, timeout)."""
+
+        def cond() -> T:
+            self.check_cancelled()
+            return condition()
+
+        return wait_until(cond, timeout, what, self.report)
 
     def run_cleanups(self) -> list[str]:
         """Run (once) every deferred cleanup; return the errors they raised.
