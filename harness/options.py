@@ -1,10 +1,10 @@
 """Export options: one table, from which every view of them derives.
 
 The reference exporter's command line, the harness's exporter arguments, a
-case's `export:` block and `start-export` step, qemu-storage-daemon's QMP
-arguments and the README's option table are all read from OPTIONS, so a new
-option is one row here (plus its use in the exporter and, where QSD has it,
-in the qsd target).  Defaults are QEMU's.
+case's `export:` block and `start-export` step, which options the qsd target
+has, and the README's option table are all read from OPTIONS, so a new
+option is one row here, plus its use in the exporter and, where QSD has it,
+its QMP argument in targets/qsd.py.  Defaults are QEMU's.
 """
 
 from __future__ import annotations
@@ -154,8 +154,10 @@ class Settings(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self.values)
 
-    def with_(self, changes: Mapping[str, Any]) -> Settings:
-        """These (raw) values converted and applied; raise ValueError naming the key."""
+    def with_(self, changes: Mapping[str, Any], explicit: bool = True) -> Settings:
+        """These (raw) values converted and applied; raise ValueError naming the
+        key.  explicit=False: implied values (a default, the transport), which
+        a target without the option can still serve."""
         values = dict(self.values)
         for key, raw in changes.items():
             opt = BY_KEY.get(key)
@@ -165,7 +167,7 @@ class Settings(Mapping[str, Any]):
                 values[key] = opt.convert(raw)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{key}: {e}") from None
-        return Settings(values, self.explicit | frozenset(changes))
+        return Settings(values, self.explicit | frozenset(changes if explicit else ()))
 
     def argv(self) -> list[str]:
         """The reference exporter's flags for every value that is not its default."""

@@ -197,12 +197,17 @@ def test_diff_targets_compares_transcripts(golden_copy: Path) -> None:
 
 @needs_qsd
 def test_qsd_target_is_detected_from_its_schema() -> None:
+    binary = shutil.which("qemu-storage-daemon")
+    assert binary is not None
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
     t = qsd.detect("qsd", None)
-    assert t.name == "qsd" and t.version.split(".")[0].isdigit()
-    assert "faults" not in t.capabilities and "introspection" not in t.capabilities
+    assert (t.name, t.label, t.binary) == ("qsd", f"qsd-{t.version}", binary)
+    assert version.startswith(f"qemu-storage-daemon version {t.version} ")
+    assert t.lacks({"faults"}) == f"target qsd-{t.version} has no fault injection"
 
 
 @pytest.mark.skipif(not FETCHED.exists(), reason="QSD 11.1 not fetched (tools/qsd fetch)")
 def test_fetched_qsd_has_multi_queue_but_no_io_uring() -> None:
-    t = qsd.detect("qsd-11.1", None)
+    t = qsd.detect("qsd-11.1", "/ignored/for/qsd-11.1")
+    assert t.binary == str(FETCHED)
     assert t.version.startswith("11.1.") and t.capabilities == {"multi-queue"}

@@ -224,7 +224,7 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         for t in chosen_targets:
             tagged = [(spec, inst.on(t.tag)) for spec, inst in chosen]
-            where = results_dir / t.name if ns.diff_targets else results_dir
+            where = results_dir / t.label if ns.diff_targets else results_dir
             opts = RunOptions(where, scratch, t, Path(ns.golden), ns.regen, known=known_diffs)
             width = max((len(i.id) for _, i in tagged), default=10) + 1
             results: list[Result] = []

@@ -35,16 +35,6 @@ def _git_revision() -> str:
     return res.stdout.strip() or "unknown"
 
 
-def _qsd_version() -> str:
-    try:
-        res = subprocess.run(
-            ["qemu-storage-daemon", "--version"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "not installed"
-    return res.stdout.splitlines()[0] if res.stdout else "unknown"
-
-
 def _probe_init() -> dict[str, Any]:
     """FUSE_INIT as the kernel offers it, from a throw-away probe mount."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
@@ -88,7 +78,6 @@ def collect(targets: list[Target] | None = None) -> dict[str, Any]:
         "possible_cpus": len(cpus),
         "possible_cpu_list": ",".join(map(str, cpus)),
         "exporter": f"harness.exporter {__version__} ({_git_revision()})",
-        "qemu_storage_daemon": _qsd_version(),
         "scratch": f"{scratch} ({_filesystem_of(os.path.realpath(scratch))})",
         "targets": [t.describe() for t in targets or []],
     }
@@ -108,7 +97,6 @@ def format_lines(fp: dict[str, Any]) -> list[str]:
         f"io_uring_disabled={fp['io_uring_disabled']}",
         f"CPUS         -- {fp['possible_cpus']} possible ({fp['possible_cpu_list']})",
         f"EXPORTER     -- {fp['exporter']}",
-        f"QSD          -- {fp['qemu_storage_daemon']}",
         f"SCRATCH      -- {fp['scratch']}",
         *(f"TARGET       -- {_target_line(t)}" for t in fp.get("targets", [])),
     ]

@@ -25,10 +25,11 @@ from typing import Any
 
 from ..kernel.mount import find_mount, umount_or_detach
 from ..options import FSTYPE
-from .waiting import WaitTimeout, kernel_stacks, wait_until
+from .waiting import kernel_stacks, wait_until
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+QMP_TIMEOUT = 20.0  # a command on the control socket
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
@@ -90,8 +91,8 @@ class ExporterProcess:
                 env=child_env(),
             )
 
-    def start(self) -> ExporterProcess:
-        """Start, configure, and wait until the export is mounted."""
+    def wait_ready(self) -> None:
+        """Spawn and wait for the pidfile; ExportFailed if it exits first."""
         self.spawn()
         wait_until(
             lambda: self.pidfile.exists() or self.returncode() is not None,
@@ -101,8 +102,16 @@ class ExporterProcess:
         )
         if self.returncode() is not None:
             raise ExportFailed(self.start_failure())
-        self.configure()
-        self.qmp()  # connected from the start: no event is missed
+
+    def start(self) -> ExporterProcess:
+        """Start, configure, and wait until the export is mounted."""
+        self.wait_ready()
+        try:
+            self.configure()
+            self.qmp()  # connected from the start: no event is missed
+        except BaseException:
+            self.cleanup()  # a daemon that refused the export must not linger
+            raise
         entry = find_mount(str(self.mountpoint))
         if entry is None or not entry.is_fuse or entry.mount_id == self._mount_before:
             raise RuntimeError(f"export started but no new FUSE mount on {self.mountpoint}")
@@ -138,6 +147,7 @@ class ExporterProcess:
             from qemu.qmp.legacy import QEMUMonitorProtocol
 
             q = QEMUMonitorProtocol(str(self.qmp_path))
+            q.settimeout(QMP_TIMEOUT)
             q.connect()
             self._qmp = q
         return self._qmp
@@ -316,5 +326,4 @@ __all__ = [
     "TRACKER",
     "ExportFailed",
     "ExporterProcess",
-    "WaitTimeout",
 ]

@@ -40,6 +40,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _TARGET = pytest.StashKey[targets.Target]()
+_KNOWN = pytest.StashKey[known.KnownDifferences]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,7 +48,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{kind}: a case instance run on target {kind}")
     try:
         config.stash[_TARGET] = targets.resolve(config.getoption("target"), config.getoption("qsd"))
-    except targets.TargetError as e:
+        config.stash[_KNOWN] = known.load(KNOWN_DIR)
+    except (targets.TargetError, SpecError) as e:
         raise pytest.UsageError(str(e)) from None
     if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
         config.stash[_ENABLE_URING] = read_enable_uring()
@@ -106,7 +108,7 @@ class CaseItem(pytest.Item):
             SCRATCH,
             _target(self.config),
             regen=regen_requested(),
-            known=known.load(KNOWN_DIR),
+            known=self.config.stash[_KNOWN],
         )
         result = run_instance(self.spec, self.instance, opts)
         if result.status == "not run":

@@ -9,6 +9,8 @@ from typing import Any
 
 from .runner import Result
 
+STATUSES = ("pass", "fail", "not run", "xfail", "xpass")
+
 
 def _result_dict(r: Result) -> dict[str, Any]:
     return {
@@ -16,6 +18,7 @@ def _result_dict(r: Result) -> dict[str, Any]:
         "case": r.instance.case_id,
         "mode": r.instance.mode,
         "transport": r.instance.transport,
+        "target": r.instance.target or "reference",
         "params": dict(r.instance.params),
         "status": r.status,
         "reason": r.reason,
@@ -34,7 +37,7 @@ def write_json(
     doc = {
         "argv": argv,
         "fingerprint": fingerprint,
-        "summary": {s: sum(r.status == s for r in results) for s in ("pass", "fail", "not run")},
+        "summary": {s: sum(r.status == s for r in results) for s in STATUSES},
         "results": [_result_dict(r) for r in results],
     }
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -45,8 +48,8 @@ def write_junit(path: Path, fingerprint: dict[str, Any], results: list[Result]) 
         "testsuite",
         name="fuse-iotests",
         tests=str(len(results)),
-        failures=str(sum(r.status == "fail" for r in results)),
-        skipped=str(sum(r.status == "not run" for r in results)),
+        failures=str(sum(r.status in ("fail", "xpass") for r in results)),
+        skipped=str(sum(r.status in ("not run", "xfail") for r in results)),
         time=f"{sum(r.elapsed for r in results):.3f}",
     )
     props = ET.SubElement(suite, "properties")
@@ -62,9 +65,12 @@ def write_junit(path: Path, fingerprint: dict[str, Any], results: list[Result]) 
             name=r.instance.id,
             time=f"{r.elapsed:.3f}",
         )
-        if r.status == "fail":
-            first = r.reason.splitlines()[0] if r.reason else "failed"
+        first = r.reason.splitlines()[0] if r.reason else r.status
+        if r.status in ("fail", "xpass"):
             el = ET.SubElement(tc, "failure", message=first)
+            el.text = "\n".join(x for x in (r.reason, r.diff) if x)
+        elif r.status == "xfail":  # a known difference: shown, not failed
+            el = ET.SubElement(tc, "skipped", message=f"xfail: {first}")
             el.text = "\n".join(x for x in (r.reason, r.diff) if x)
         elif r.status == "not run":
             ET.SubElement(tc, "skipped", message=r.reason)

@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..kernel.mount import mount_table
 from ..kernel.params import (
@@ -106,14 +107,20 @@ def cleanup_live() -> None:
         stop_case(ctx, None, "interrupted")
 
 
+def case_export(spec: CaseSpec, inst: Instance) -> dict[str, Any]:
+    """The instance's `export:` block, converted."""
+    return convert_fields(substitute(spec.export, dict(inst.params)), CASE_EXPORT_FIELDS)
+
+
 def export_settings(spec: CaseSpec, inst: Instance) -> Settings | None:
-    """The options a fuse instance's export starts with (None: -file, Python)."""
+    """The options a fuse instance's export starts with (None: -file, Python).
+    The transport's io-uring is implied, not a choice of the case."""
     if inst.mode != "fuse" or spec.python:
         return None
-    export = convert_fields(substitute(spec.export, dict(inst.params)), CASE_EXPORT_FIELDS)
+    export = case_export(spec, inst)
     export.pop("start", None)
     io_uring = "on" if inst.transport == "uring" else "off"
-    return CASE_DEFAULTS.with_({"io-uring": io_uring, **export})
+    return CASE_DEFAULTS.with_({"io-uring": io_uring}, explicit=False).with_(export)
 
 
 def target_problem(spec: CaseSpec, inst: Instance, target: Target) -> str | None:
@@ -151,11 +158,14 @@ def missing_requirement(spec: CaseSpec, inst: Instance, target: Target) -> str |
         req["fio"] = True
     if "qemu-io" in names:
         req["qemu-io"] = True
+    if "qemu-img" in names:
+        req["qemu-img"] = True
     if req.get("root") and os.geteuid() != 0:
         return "needs root"
     if req.get("dev-fuse") and not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
-    for key, tool in (("fio", "fio"), ("qsd", "qemu-storage-daemon"), ("qemu-io", "qemu-io")):
+    tools = (("fio", "fio"), ("qsd", "qemu-storage-daemon"), ("qemu-io", "qemu-io"))
+    for key, tool in (*tools, ("qemu-img", "qemu-img")):
         if req.get(key) and shutil.which(tool) is None:
             return f"{tool} not installed"
     if req.get("cpus", 0) > possible_cpus():
@@ -253,11 +263,12 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
 
 
 def _apply_known(result: Result, opts: RunOptions) -> None:
-    """A listed instance that fails is an xfail; one that passes, an xpass."""
+    """A listed instance whose transcript differs is an xfail; one that
+    passes, an xpass.  Errors, timeouts and leftovers stay failures."""
     entries = opts.known.match(result.instance, opts.environment(result.instance))
     if not entries:
         return
-    if result.status == "fail":
+    if result.status == "fail" and result.bad:
         result.status = "xfail"
         result.reason = "\n".join([*(e.describe() for e in entries), result.reason])
     elif result.status == "pass":
@@ -287,7 +298,7 @@ def _prepare(
     env = FilterEnv(str(ctx.workdir), str(path))
     session = Session(ctx, image, path, fill, settings, target, filter_env=env)
     steps = [(s.name, substitute(s.arg, params)) for s in spec.steps]
-    start = spec.export.get("start", True) is not False
+    start = case_export(spec, inst).get("start", True)
 
     def body() -> None:
         if settings is not None and start:

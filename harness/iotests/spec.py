@@ -40,6 +40,7 @@ REQUIREMENTS: dict[str, type] = {
     "fio": bool,
     "qsd": bool,
     "qemu-io": bool,
+    "qemu-img": bool,
     "cpus": int,
 }
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")

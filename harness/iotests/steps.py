@@ -33,7 +33,8 @@ from .client import ClientPool
 from .context import CaseContext, Instance, onoff
 from .filters import FilterEnv, apply_filters
 from .lifecycle import ExporterProcess, ExportFailed
-from .targets import Target
+from .targets import CAPABILITIES, Target
+from .waiting import WaitTimeout
 
 IO_TIMEOUT = 20.0
 
@@ -242,6 +243,8 @@ def step(
     needs: tuple[str, ...] = (),
     fuse: bool = False,
 ) -> Callable[[Callable[[Session, Any], None]], Callable[[Session, Any], None]]:
+    assert set(needs) <= set(CAPABILITIES), needs
+
     def register(fn: Callable[[Session, Any], None]) -> Callable[[Session, Any], None]:
         doc = (fn.__doc__ or "").strip().splitlines()[0]
         STEPS[name] = StepDef(
@@ -855,7 +858,7 @@ def _qmp(s: Session, a: dict[str, Any]) -> None:
 
 @step("qmp-event", scalar=text, export=True, metavar="EVENT")
 def _qmp_event(s: Session, name: str) -> None:
-    """Wait (bounded) for a QMP event on the control socket; print it without its timestamp."""
+    """Wait (bounded) for a QMP event; print it without its timestamp, or that none came."""
     qmp = s.need_exporter().qmp()
     seen: list[str] = []
 
@@ -866,7 +869,12 @@ def _qmp_event(s: Session, name: str) -> None:
             return None
         return event
 
-    event = s.ctx.wait(arrived, IO_TIMEOUT, f"QMP event {name} (others seen: {seen})")
+    try:
+        event = s.ctx.wait(arrived, IO_TIMEOUT, f"QMP event {name}")
+    except WaitTimeout:  # what the target did, for the transcript to show
+        others = f" (others: {', '.join(seen)})" if seen else ""
+        s.log(f"no {name} event within {IO_TIMEOUT:.0f} s{others}")
+        return
     s.log(json.dumps({"data": event.get("data"), "event": name}, sort_keys=True))
 
 

@@ -5,8 +5,9 @@ A target is one module in this package.  It defines NAMES (the names
 implementation, asks it what it can do and raises TargetError (one line)
 when it cannot be used.  Capabilities are detected (QSD: from its QMP
 schema), never assumed from a version.  Which instances a target cannot run
-is decided when the specs load, from what each step and export option
-declares it needs (Target.lacks), so nothing starts half-supported.
+follows from the spec alone, what each step and export option declares it
+needs (runner.target_problem), and is decided before an instance starts
+anything, so nothing runs half-supported.
 """
 
 from __future__ import annotations

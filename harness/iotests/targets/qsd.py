@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from ...options import OPTIONS as TABLE
 from ...options import Settings
-from ..lifecycle import REPO, START_TIMEOUT, ExporterProcess, ExportFailed, child_env
-from ..waiting import WaitTimeout, wait_until
+from ..lifecycle import REPO, ExporterProcess, ExportFailed
+from ..waiting import WaitTimeout
 from . import Target, TargetError
 
 NAMES = ("qsd", "qsd-11.1")
 FETCHED = REPO / ".cache" / "qsd-11.1" / "qemu-storage-daemon"
-# The export options QSD has (the rest: instances that set them are not run).
-OPTIONS = frozenset({"writable", "growable", "allow-other", "queues", "io-uring", "null-size"})
+# The export options QSD has: the table's rows with a qsd column.
+OPTIONS = frozenset(o.key for o in TABLE if o.qsd)
 
 
 def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
@@ -94,7 +94,7 @@ def export_arguments(s: Settings, mountpoint: Path) -> dict[str, Any]:
     }
     if s["queues"] > 1:
         export["iothread"] = [f"iothread{i}" for i in range(s["queues"])]
-    if s["io-uring"] == "on":
+    if s["io-uring"] != "off":  # checked against the schema before
         export["io-uring"] = True
     return export
 
@@ -107,10 +107,12 @@ class Qsd(Target):
 
 
 def detect(name: str, binary: str | None) -> Target:
-    path = binary or (str(FETCHED) if name == "qsd-11.1" else os.environ.get("QSD"))
-    path = path or shutil.which("qemu-storage-daemon")
-    if name == "qsd-11.1" and not FETCHED.exists() and not binary:
-        raise TargetError("target qsd-11.1 is not fetched: run tools/qsd fetch")
+    if name == "qsd-11.1":  # always the fetched one: --qsd and QSD= name "qsd"
+        if not FETCHED.exists():
+            raise TargetError("target qsd-11.1 is not fetched: run tools/qsd fetch")
+        path: str | None = str(FETCHED)
+    else:
+        path = binary or os.environ.get("QSD") or shutil.which("qemu-storage-daemon")
     if not path or not os.access(path, os.X_OK):
         raise TargetError(
             f"target {name}: no qemu-storage-daemon ({path or 'not on PATH'}; set QSD=PATH)"
@@ -119,45 +121,33 @@ def detect(name: str, binary: str | None) -> Target:
     return Qsd("qsd", version, capabilities(schema), OPTIONS, binary=path)
 
 
+class _Monitor(ExporterProcess):
+    """A daemon with nothing but a QMP monitor, to ask what it can do."""
+
+    fstype = "fuse"
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        super().__init__(workdir, workdir / "no-mountpoint")
+        self.binary = binary
+
+    def command(self) -> list[str]:
+        return [*qmp_monitor_argv(self.binary, self.qmp_path), "--pidfile", str(self.pidfile)]
+
+
 def query(binary: str) -> tuple[str, list[dict[str, Any]]]:
     """(version, QMP schema) from a daemon with nothing but a monitor."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from qemu.qmp import QMPError
 
     with tempfile.TemporaryDirectory(prefix="fuse-iotests-qsd-") as tmp:
-        sock = Path(tmp) / "qmp.sock"
-        proc = subprocess.Popen(
-            qmp_monitor_argv(binary, sock),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=child_env(),
-        )
+        monitor = _Monitor(binary, Path(tmp))
         try:
-            wait_until(
-                lambda: sock.exists() or proc.poll() is not None,
-                START_TIMEOUT,
-                f"{binary}'s QMP socket",
-            )
-            if proc.poll() is not None:
-                err = (proc.stderr.read().decode(errors="replace") if proc.stderr else "").strip()
-                raise TargetError(f"{binary} exited with {proc.returncode}: {err}")
-            qmp = QEMUMonitorProtocol(str(sock))
-            qmp.connect()
-            try:
-                v = qmp.cmd("query-version")["qemu"]
-                schema = qmp.cmd("query-qmp-schema")
-            finally:
-                qmp.close()
-            proc.terminate()
-            proc.wait(START_TIMEOUT)
-        except (OSError, EOFError, WaitTimeout, subprocess.TimeoutExpired) as e:
+            monitor.wait_ready()
+            v = monitor.cmd("query-version")["qemu"]
+            schema = monitor.cmd("query-qmp-schema")
+        except (ExportFailed, OSError, QMPError, WaitTimeout) as e:
             raise TargetError(f"{binary}: cannot query its QMP schema: {e}") from None
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
+            monitor.cleanup()
     return f"{v['major']}.{v['minor']}.{v['micro']}", schema
 
 
