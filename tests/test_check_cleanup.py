@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,17 +31,22 @@ steps:
 """
 
 
-def _exporters_of(case: str) -> list[int]:
-    """Exporter processes still serving this case's instances."""
+def _processes_with(*needles: bytes) -> list[int]:
+    """Processes whose command line contains every needle."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"harness.exporter" in cmdline and f"/{case}-legacy.".encode() in cmdline:
+        if all(n in cmdline for n in needles):
             pids.append(int(pid))
     return pids
+
+
+def _exporters_of(case: str) -> list[int]:
+    """Exporter processes still serving this case's instances."""
+    return _processes_with(b"harness.exporter", f"/{case}-legacy.".encode())
 
 
 def _suite(tmp_path: Path, case: str | list[str], timeout: int) -> list[str]:
@@ -83,9 +89,15 @@ def test_timeout_reports_stderr_and_stacks_then_cleans_up(tmp_path: Path) -> Non
     assert _mounts_of("stuck-timeout") == []
 
 
-def _interrupt(argv: list[str], cases: list[str], sig: int) -> tuple[int, str]:
-    """Run check until every case's instance is mounted, then send sig;
-    (exit status, stderr)."""
+def _interrupt(
+    argv: list[str],
+    sig: int,
+    mounts: Callable[[], list[str]],
+    ready: Callable[[], bool],
+    daemons: Callable[[], list[int]] = list,
+) -> tuple[int, str, tuple[list[str], list[int]]]:
+    """Run check until ready(), then send sig; (exit status, stderr, and the
+    mounts and daemons still there right after it exited)."""
     proc = subprocess.Popen(
         argv,
         cwd=REPO,
@@ -98,18 +110,31 @@ def _interrupt(argv: list[str], cases: list[str], sig: int) -> tuple[int, str]:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        wait_until(lambda: all(_mounts_of(c) for c in cases), 20, "the stuck cases' mounts")
+        wait_until(ready, 20, "the instances to be mounted")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
+        left = (mounts(), daemons())  # before the safety net below
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            # Ours (the case names are unique): detaching makes the exporter exit.
-            for c in cases:
-                for mp in _mounts_of(c):
-                    umount(mp, lazy=True)
-    return proc.returncode, err
+        # Ours (the case names are unique): killing and detaching end them.
+        for pid in daemons():
+            os.kill(pid, signal.SIGKILL)
+        for mp in mounts():
+            umount(mp, lazy=True)
+    return proc.returncode, err, left
+
+
+def _stuck(argv: list[str], cases: list[str], sig: int) -> tuple[int, str]:
+    """Interrupt once every case's instance is blocked in its FUSE read."""
+    code, err, _ = _interrupt(
+        argv,
+        sig,
+        mounts=lambda: [mp for c in cases for mp in _mounts_of(c)],
+        ready=lambda: all(_mounts_of(c) for c in cases),
+    )
+    return code, err
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -117,7 +142,7 @@ def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status
     """Ctrl-C (or a CI job's SIGTERM) while an instance is blocked in a FUSE read."""
     # Unique: the test looks for this instance's directory among all of /tmp.
     case = f"stuck-{signal.Signals(sig).name.lower()}-{os.getpid()}"
-    code, err = _interrupt(_suite(tmp_path, case, 60), [case], sig)
+    code, err = _stuck(_suite(tmp_path, case, 60), [case], sig)
     assert code == status, err
     assert "Interrupted" in err
     assert _mounts_of(case) == []
@@ -133,7 +158,7 @@ def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status
 def test_interrupt_with_parallel_jobs(tmp_path: Path) -> None:
     """-j 2, both instances blocked in a FUSE read: both are stopped and removed."""
     cases = [f"stuck-jobs-{os.getpid()}-{x}" for x in "ab"]
-    code, err = _interrupt([*_suite(tmp_path, cases, 60), "-j", "2"], cases, signal.SIGINT)
+    code, err = _stuck([*_suite(tmp_path, cases, 60), "-j", "2"], cases, signal.SIGINT)
     assert code == 130, err
     for c in cases:
         assert _mounts_of(c) == [] and _exporters_of(c) == []
@@ -170,38 +195,17 @@ def test_interrupt_removes_qsd_daemons_and_mounts(tmp_path: Path) -> None:
         return [e.mountpoint for e in mount_table() if e.is_fuse and marker in e.mountpoint]
 
     def daemons() -> list[int]:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-storage-daemon" in cmdline and marker.encode() in cmdline:
-                found.append(int(pid))
-        return found
+        return _processes_with(b"qemu-storage-daemon", marker.encode())
 
-    proc = subprocess.Popen(
+    def qsd_mounted() -> bool:  # QSD's mounts have libfuse's plain type
+        return [e.fstype for e in mount_table() if marker in e.mountpoint] == ["fuse"]
+
+    code, err, left = _interrupt(
         argv,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        signal.SIGINT,
+        mounts,
+        ready=lambda: qsd_mounted() and bool(daemons()),
+        daemons=daemons,
     )
-    try:
-        wait_until(lambda: mounts() and daemons(), 20, "the qsd instance's mount")
-        assert [e.fstype for e in mount_table() if marker in e.mountpoint] == ["fuse"]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        left = (mounts(), daemons())  # before the safety net below
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in daemons():  # ours: the case name is unique
-            os.kill(pid, signal.SIGKILL)
-        for mp in mounts():
-            umount(mp, lazy=True)
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert left == ([], []), err
