@@ -113,6 +113,11 @@ def test_known_differences_match_target_version_and_kernel(tmp_path: Path) -> No
         ("when: {kernel: '<<7'}\ndifferences: [{instances: 'a[*]', reason: r}]\n", "when.kernel"),
         ("when: {target: qsd}\ndifferences:\n  - {instances: 'a[*]'}\n", ":3: an entry has"),
         (
+            "when: {target: qsd}\ndifferences:\n"
+            "  - {instances: 'a[*]', reason: r, intermittent: 1}\n",
+            ":3: intermittent: true or false",
+        ),
+        (
             "when: {target: qsd}\ndifferences:\n  - {instances: rw-seek, reason: r}\n",
             ":3: instances",
         ),
@@ -140,7 +145,11 @@ def test_every_known_difference_file_loads_and_names_real_cases() -> None:
 
 
 def check(golden: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "harness.iotests.check", "--golden", str(golden), *args]
+    results = golden.parent / "results"
+    argv = [
+        sys.executable, "-m", "harness.iotests.check",
+        "--golden", str(golden), "--results", str(results), *args,
+    ]  # fmt: skip
     return subprocess.run(
         argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=child_env()
     )
@@ -177,6 +186,11 @@ def test_a_wrong_entry_is_xpass_and_fails_the_run(golden_copy: Path) -> None:
     assert res.returncode == 1
     assert "Listed as known differences but passed (xpass): rw-patterns[qsd-legacy]" in res.stdout
     assert "known/wrong.yaml:4 lists it: remove the entry" in res.stdout
+    # An intermittent difference is not an xpass when the instance happens to match.
+    wrong = golden_copy / "known" / "wrong.yaml"
+    wrong.write_text(wrong.read_text() + "    intermittent: true\n")
+    res = check(golden_copy, "--target", "qsd", "-fuse", "rw-patterns")
+    assert res.returncode == 0 and "Passed all 1 iotests" in res.stdout, res.stdout
 
 
 @needs_qsd

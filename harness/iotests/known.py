@@ -13,7 +13,9 @@ golden/known/<name>.yaml says when it applies and which instances differ:
 
 A listed instance that fails reports xfail (reason and diff in the report);
 one that now matches reports xpass and fails the run, so a fixed or newly
-broken target is noticed either way.  `version` and `kernel` take a glob
+broken target is noticed either way.  An entry marked `intermittent: true`
+(the difference depends on timing inside the target) reports pass when the
+instance matches.  `version` and `kernel` take a glob
 ("7.2.*") or comparisons ("<7.3", ">=6.16,<7.0").
 """
 
@@ -32,7 +34,7 @@ from .context import Instance
 from .spec import SpecError, _Loader, line_of
 
 WHEN_KEYS = {"target", "version", "kernel"}
-ENTRY_KEYS = {"instances", "reason", "upstream"}
+ENTRY_KEYS = {"instances", "reason", "upstream", "intermittent"}
 _CMP = re.compile(r"^\s*(<=|>=|<|>|==|!=)\s*([0-9][0-9.]*)\s*$")
 
 
@@ -80,6 +82,7 @@ class Known:
     reason: str
     upstream: str
     when: dict[str, str]
+    intermittent: bool = False
 
     @property
     def where(self) -> str:
@@ -150,14 +153,17 @@ def _load_file(path: Path) -> list[Known]:
     for item in items:
         ln = line_of(item, default=line_of(items))
         if not isinstance(item, dict) or set(item) - ENTRY_KEYS or "reason" not in item:
-            raise fail(ln, f"an entry has instances, reason and upstream ({', '.join(ENTRY_KEYS)})")
+            keys = ", ".join(sorted(ENTRY_KEYS))
+            raise fail(ln, f"an entry has instances and reason (keys: {keys})")
         pats = item.get("instances")
         pats = [pats] if isinstance(pats, str) else pats
         if not pats or not all(isinstance(p, str) and "[" in p for p in pats):
             raise fail(ln, "instances: one or more instance ids or globs, e.g. 'eof-dd[*]'")
-        out.append(
-            Known(path, ln, tuple(pats), str(item["reason"]), str(item.get("upstream", "")), when)
-        )
+        intermittent = item.get("intermittent", False)
+        if not isinstance(intermittent, bool):
+            raise fail(ln, "intermittent: true or false")
+        upstream = str(item.get("upstream", ""))
+        out.append(Known(path, ln, tuple(pats), str(item["reason"]), upstream, when, intermittent))
     return out
 
 
@@ -181,5 +187,7 @@ def markdown(known: KnownDifferences) -> str:
         when = ", ".join(f"{k} {v}" for k, v in e.when.items())
         pats = " ".join(f"`{p}`" for p in e.patterns)
         cells = [when, pats, e.reason, e.upstream]
+        if e.intermittent:
+            cells[2] += " (intermittent)"
         rows.append("| " + " | ".join(c.replace("|", "&#124;") for c in cells) + " |")
     return "\n".join(rows)
