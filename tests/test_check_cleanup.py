@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from harness.iotests.lifecycle import REPO, child_env
+from harness.iotests.lifecycle import REPO, ExporterProcess, child_env
 from harness.iotests.waiting import wait_until
 from harness.kernel.mount import mount_table, umount
 
@@ -209,3 +210,100 @@ def test_interrupt_removes_qsd_daemons_and_mounts(tmp_path: Path) -> None:
     )
     assert code == 130, err
     assert left == ([], []), err
+
+
+def test_sigkill_leftovers_are_reaped_by_cleanup(tmp_path: Path) -> None:
+    """A run killed with SIGKILL while its exporter cannot react (stopped):
+    the exporter and its mount survive it; `check --cleanup` removes them,
+    and the directories, and says so."""
+    case = f"stuck-sigkill-{os.getpid()}"
+    env = {**child_env(), "FUSE_IOTESTS_STATE_DIR": str(tmp_path / "runs")}
+    proc = subprocess.Popen(
+        _suite(tmp_path, case, 60), cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    exporters: list[int] = []
+    try:
+        wait_until(lambda: _mounts_of(case), 20, "the stuck instance's mount")
+        exporters = _exporters_of(case)
+        assert len(exporters) == 1
+        os.kill(exporters[0], signal.SIGSTOP)  # deaf to its parent-death SIGTERM
+        proc.kill()
+        proc.wait(10)
+        assert _mounts_of(case) and _exporters_of(case) == exporters  # the leak
+        (state,) = (tmp_path / "runs").glob("*.json")
+        recorded = json.loads(state.read_text())
+        dirs, cgroup = recorded["dirs"], recorded["cgroup"]
+        res = subprocess.run(
+            [sys.executable, "-m", "harness.iotests.check", "--cleanup"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert f"cleanup: removed process {exporters[0]}, left by the dead run" in res.stderr
+        assert "cleanup: removed FUSE mount " in res.stderr and case in res.stderr
+        assert "could NOT" not in res.stderr
+        assert _mounts_of(case) == [] and _exporters_of(case) == []
+        assert dirs and not any(os.path.exists(d) for d in dirs)
+        assert cgroup is None or not os.path.exists(cgroup)  # killed, then removed
+        assert not list((tmp_path / "runs").glob("*.json"))
+        again = subprocess.run(
+            [sys.executable, "-m", "harness.iotests.check", "--cleanup"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert again.stderr.strip() == "cleanup: no dead run left anything"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _exporters_of(case):  # ours: the case name is unique
+            os.kill(pid, signal.SIGKILL)
+        for mp in _mounts_of(case):
+            umount(mp, lazy=True)
+
+
+class WatchedLock:
+    """A lock that tells when someone had to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def __enter__(self) -> WatchedLock:
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_cleanup_during_a_spawn_removes_the_new_process(tmp_path: Path) -> None:
+    """The SIGTERM leak: a cleanup from another thread (Ctrl-C, a timeout) ran
+    while spawn() was between its check and Popen, found no process, and the
+    exporter started afterwards outlived the run.  Held at that point, the
+    cleanup must wait for the spawn and then remove what it started."""
+    in_spawn, go_on = threading.Event(), threading.Event()
+
+    class HeldSpawn(ExporterProcess):
+        def command(self) -> list[str]:  # runs inside spawn(), before Popen
+            in_spawn.set()
+            assert go_on.wait(10)
+            return ["sleep", "600"]
+
+    exp = HeldSpawn(tmp_path, tmp_path / "mp")
+    exp._spawning = lock = WatchedLock()  # type: ignore[assignment]
+    spawner = threading.Thread(target=exp.spawn)
+    spawner.start()
+    assert in_spawn.wait(10)
+    removed: list[str] = []
+    cleaner = threading.Thread(target=lambda: removed.extend(exp.cleanup()))
+    cleaner.start()
+    try:
+        assert lock.contended.wait(10), "cleanup did not wait for the spawn in progress"
+    finally:
+        go_on.set()
+        spawner.join(10)
+        cleaner.join(30)
+    assert exp.proc is not None and exp.returncode() is not None
+    assert removed == [f"exporter pid {exp.pid}"]

@@ -41,6 +41,7 @@ from .runner import (
     regen_requested,
     run_instance,
 )
+from .runs import RUN, reap_stale
 from .spec import CaseSpec, SpecError, load_all
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
@@ -77,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--diff-targets",
         metavar="A,B",
         help="run each instance on targets A and B and compare their transcripts",
+    )
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="only remove what dead runs left (processes, mounts, directories)",
     )
     p.add_argument("--results", metavar="DIR", help="results directory (default results/)")
     p.add_argument("--cases", metavar="DIR", default=str(CASES_DIR), help=argparse.SUPPRESS)
@@ -158,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         _ignore_signals()
         cleanup_live()
         TRACKER.cleanup_all()
-        print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
+        left = RUN.leftovers()
+        if left:  # said only after looking: the next run reaps these
+            print(f"\nInterrupted; NOT removed: {', '.join(left)}", file=sys.stderr)
+        else:
+            print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
         return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
 
 
@@ -172,6 +182,13 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
+    reaped = reap_stale()  # what runs killed with SIGKILL left
+    for line in reaped:
+        print(line, file=sys.stderr)
+    if ns.cleanup:
+        if not reaped:
+            print("cleanup: no dead run left anything", file=sys.stderr)
+        return 0
     specs, errors = load_all(Path(ns.cases))
     try:
         known_diffs = known.load(Path(ns.golden) / KNOWN_DIR.name)
@@ -214,6 +231,7 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     # Instance directories live in /tmp: a UNIX socket path must stay short.
     scratch = Path(tempfile.mkdtemp(prefix="fuse-iotests."))
+    RUN.add_dir(scratch)
     fp = collect(chosen_targets)
     for line in format_lines(fp):
         print(line)

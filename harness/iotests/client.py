@@ -10,9 +10,11 @@ and exits 0 either way; only bad usage exits non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from ..kernel.errnos import errno_name
@@ -75,13 +77,14 @@ def start_client(
     op: str, path: Path, *args: int | str, cpu: int | None = None
 ) -> subprocess.Popen[str]:
     """`python -m harness.iotests.client [--cpu CPU] OP PATH ARGS...`, output piped."""
-    from .lifecycle import REPO, child_env  # not needed by the child itself
+    from . import runs  # not needed by the child itself
+    from .lifecycle import REPO, child_env
 
     argv = [sys.executable, "-m", "harness.iotests.client"]
     if cpu is not None:
         argv += ["--cpu", str(cpu)]
     argv += [op, str(path), *map(str, args)]
-    return subprocess.Popen(
+    return runs.spawn(
         argv,
         cwd=REPO,
         stdin=subprocess.DEVNULL,
@@ -98,15 +101,17 @@ class ClientPool:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         self.closed = False
+        self._lock = threading.Lock()  # a cleanup sees every client spawned
 
     def spawn(
         self, op: str, path: Path, *args: int | str, cpu: int | None = None
     ) -> subprocess.Popen[str]:
-        if self.closed:
-            raise RuntimeError("client pool already cleaned up")
-        p = start_client(op, path, *args, cpu=cpu)
-        self.procs.append(p)
-        return p
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("client pool already cleaned up")
+            p = start_client(op, path, *args, cpu=cpu)
+            self.procs.append(p)
+            return p
 
     @staticmethod
     def result(p: subprocess.Popen[str], timeout: float = 10.0) -> str:
@@ -117,11 +122,13 @@ class ClientPool:
         return self.result(self.spawn(op, path, *args, cpu=cpu))
 
     def cleanup(self) -> None:
-        self.closed = True
+        with self._lock:
+            self.closed = True
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
-                p.wait(10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)  # bounded; the run's cgroup is the backstop
 
 
 if __name__ == "__main__":

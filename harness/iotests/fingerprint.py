@@ -19,6 +19,7 @@ from ..kernel.mount import mount_table
 from ..kernel.params import ENABLE_URING, IO_URING_DISABLED, read_param
 from ..layout import possible_cpu_ids
 from .lifecycle import REPO
+from .runs import RUN
 from .targets import CAPABILITIES, Target
 
 
@@ -43,6 +44,7 @@ def _probe_init() -> dict[str, Any]:
 
     try:
         with tempfile.TemporaryDirectory(prefix="fuse-iotests-probe-") as tmp:
+            RUN.add_dir(tmp)
             init = read_kernel_init(Path(tmp))
     except Exception as e:  # a fingerprint never stops the run
         return {"error": f"{type(e).__name__}: {e}"}

@@ -25,6 +25,8 @@ from typing import Any
 
 from ..kernel.mount import find_mount, umount_or_detach
 from ..options import FSTYPE
+from . import runs
+from .runs import RUN
 from .waiting import kernel_stacks, wait_until
 
 START_TIMEOUT = 10.0
@@ -59,6 +61,9 @@ class ExporterProcess:
         self.mount_id: int | None = None
         self._qmp: Any = None
         self._cleaned = False
+        # spawn() and cleanup() exclude each other: a cleanup from another
+        # thread (Ctrl-C, a timeout) must see the process spawn() started.
+        self._spawning = threading.Lock()
         # A mount already on the mountpoint is never ours to remove.
         self._mount_before: int | None = None
 
@@ -76,20 +81,22 @@ class ExporterProcess:
 
     def spawn(self) -> None:
         """Start the process; do not wait for it."""
-        if self._cleaned:
-            raise RuntimeError("exporter already cleaned up; not starting it")
-        before = find_mount(str(self.mountpoint))
-        self._mount_before = before.mount_id if before is not None else None
-        TRACKER.add(self)
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                env=child_env(),
-            )
+        with self._spawning:
+            if self._cleaned:
+                raise RuntimeError("exporter already cleaned up; not starting it")
+            before = find_mount(str(self.mountpoint))
+            self._mount_before = before.mount_id if before is not None else None
+            TRACKER.add(self)
+            RUN.add_mountpoint(self.mountpoint)
+            with open(self.stderr_path, "wb") as err:
+                self.proc = runs.spawn(
+                    self.command(),
+                    cwd=REPO,
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    env=child_env(),
+                )
 
     def wait_ready(self) -> None:
         """Spawn and wait for the pidfile; ExportFailed if it exits first."""
@@ -220,7 +227,8 @@ class ExporterProcess:
 
     def cleanup(self) -> list[str]:
         """Remove whatever is left; return what had to be removed."""
-        self._cleaned = True
+        with self._spawning:  # a spawn in progress finishes first
+            self._cleaned = True
         removed = []
         self.close_qmp()
         if self.proc is not None and self.returncode() is None:

@@ -9,6 +9,7 @@ uring, file, slow, serial and the target's name select the same way with -m.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..kernel.params import read_enable_uring, restore_enable_uring
 from . import known, targets
 from .context import Instance
 from .runner import CASES_DIR, KNOWN_DIR, Result, RunOptions, regen_requested, run_instance
+from .runs import reap_stale
 from .spec import CaseSpec, SpecError, is_case_file, load_spec
 
 RESULTS = CASES_DIR.parent / "results" / "pytest"
@@ -53,6 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(e)) from None
     if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
         config.stash[_ENABLE_URING] = read_enable_uring()
+        for line in reap_stale():  # what runs killed with SIGKILL left
+            print(line, file=sys.stderr)
 
 
 def _target(config: pytest.Config) -> targets.Target:

@@ -39,6 +39,7 @@ from .filters import FilterEnv, apply_filters
 from .golden import compare, find_reference
 from .known import Environment, KnownDifferences
 from .lifecycle import REPO
+from .runs import RUN
 from .spec import CaseSpec, substitute
 from .steps import (
     CASE_DEFAULTS,
@@ -200,6 +201,7 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
     safe = inst.id.replace("[", "-").replace("]", "").replace(",", "-").replace("=", "_")
     # Short: the exporter's control socket lives in here (sun_path is 108 bytes).
     workdir = Path(tempfile.mkdtemp(prefix=safe[:32] + ".", dir=opts.work_root))
+    RUN.add_dir(workdir)
     ctx = CaseContext(inst, workdir)
     LIVE.add(ctx)
     error = ""

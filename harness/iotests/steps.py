@@ -29,6 +29,7 @@ from ..kernel.mount import fuse_mounted, umount
 from ..kernel.params import ENABLE_URING, read_param, write_param
 from ..options import OPTIONS, Settings, boolean, choice, parse_size, positive
 from ..patterns import IMAGE_FILLS, offset_pattern, pattern_bytes
+from . import runs
 from .client import ClientPool
 from .context import CaseContext, Instance, onoff
 from .filters import FilterEnv, apply_filters
@@ -471,7 +472,7 @@ def _qemu_io(s: Session, cmds: list[str]) -> None:
     argv = ["qemu-io", "-f", "raw"]
     for c in cmds:
         argv += ["-c", s.expand(c)]
-    res = subprocess.run([*argv, str(s.target)], capture_output=True, text=True, timeout=IO_TIMEOUT)
+    res = runs.run([*argv, str(s.target)], IO_TIMEOUT)
     for line in (res.stdout + res.stderr).splitlines():
         s.log(line)
     if res.returncode:
@@ -491,7 +492,7 @@ def _chmod(s: Session, mode: str) -> None:
 
 
 def _run_tool(s: Session, argv: list[str], name: str) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=IO_TIMEOUT)
+    res = runs.run(argv, IO_TIMEOUT)
     for line in (res.stdout + res.stderr).splitlines():
         s.log(line)
     if res.returncode:
@@ -662,9 +663,7 @@ def _fsync(s: Session, _: None) -> None:
 @step("dd", scalar=text, metavar="OPERANDS")
 def _dd(s: Session, args: str) -> None:
     """Run dd with these operands ($TARGET, $IMAGE, $TEST_DIR expanded); print its report."""
-    res = subprocess.run(
-        ["dd", *s.expand(args).split()], capture_output=True, text=True, timeout=IO_TIMEOUT
-    )
+    res = runs.run(["dd", *s.expand(args).split()], IO_TIMEOUT)
     for line in res.stderr.splitlines():
         s.log(line)
     s.log(f"dd: exit {res.returncode}")
@@ -711,9 +710,7 @@ def _fio(s: Session, a: dict[str, Any]) -> None:
         ]
         # Jobs verifying one region would overwrite each other's data.
         argv.append(f"--offset_increment={a['size']}")
-    res = subprocess.run(
-        argv, capture_output=True, text=True, timeout=IO_TIMEOUT * 3, cwd=s.ctx.workdir
-    )
+    res = runs.run(argv, IO_TIMEOUT * 3, cwd=s.ctx.workdir)
     desc = " ".join(f"{k}={onoff(v)}" for k, v in a.items())
     try:
         job = json.loads(res.stdout[res.stdout.index("{") :])["jobs"][0]
@@ -912,7 +909,7 @@ def _mounted(s: Session, _: None) -> None:
 @step("df", export=True)
 def _df(s: Session, _: None) -> None:
     """Run df on the target; print its errors and exit status (not authoritative)."""
-    res = subprocess.run(["df", str(s.target)], capture_output=True, text=True, timeout=IO_TIMEOUT)
+    res = runs.run(["df", str(s.target)], IO_TIMEOUT)
     for line in res.stderr.splitlines():
         s.log(line)
     s.log(f"df: exit {res.returncode}")

@@ -1,0 +1,331 @@
+"""Runs that leave nothing behind, whatever kills them.
+
+Every process that uses the harness (a tools/check run, a pytest worker)
+registers itself in STATE_DIR the first time it starts something: a JSON
+file it keeps flock()ed for its whole life, listing its cgroup, the
+mountpoints its exporters use and the directories it made.  Every process
+it starts (exporters, qemu-storage-daemon, clients, dd, fio, qemu-io) goes
+into that per-run cgroup (cgroup v2; without a writable one, the pids are
+listed instead) and gets a parent-death signal.
+
+A lock nobody holds is a run that died (the kernel drops a dead process's
+flock, so a reused pid cannot fool it).  reap_stale() finds those and
+removes what they left: it kills the cgroup (cgroup.kill) or the listed
+processes, unmounts FUSE mounts on the listed mountpoints or inside the
+listed directories (only ours: every one of them is a directory the run
+created), deletes the directories, and says what it removed only after
+checking that it is gone.  tools/check runs it first, and `--cleanup` runs
+only it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..kernel.mount import mount_table, umount_or_detach
+
+# FUSE_IOTESTS_STATE_DIR: a private registry (the harness's own tests use one).
+STATE_DIR = Path(os.environ.get("FUSE_IOTESTS_STATE_DIR", "/run/fuse-iotests/runs"))
+CGROUP_PREFIX = "fuse-iotests-run-"
+REAP_TIMEOUT = 10.0
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """preexec_fn: the child gets sig when the thread that started it exits."""
+    _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+@dataclass
+class RunState:
+    pid: int
+    started: float
+    cgroup: str | None = None
+    pids: list[int] = field(default_factory=list)  # without a cgroup
+    mountpoints: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+
+def cgroup2_root() -> Path | None:
+    """This process's cgroup v2 directory, if one is mounted and writable."""
+    mounts = [e.mountpoint for e in mount_table() if e.fstype == "cgroup2"]
+    try:
+        own = next(
+            line.split(":", 2)[2].strip()
+            for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if line.startswith("0::")
+        )
+    except (OSError, StopIteration):
+        return None
+    for m in mounts:
+        path = Path(m + own)
+        if (path / "cgroup.procs").exists() and os.access(path, os.W_OK):
+            return path
+    return None
+
+
+class Run:
+    """This process's registration; created on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd = -1
+        self.state: RunState | None = None
+        self.path: Path | None = None
+
+    def _ensure(self) -> RunState:
+        if self.state is not None:
+            return self.state
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.path = STATE_DIR / f"{os.getpid()}-{time.time_ns()}.json"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.state = RunState(os.getpid(), time.time(), cgroup=_make_cgroup(self.path.stem))
+        self._save()
+        return self.state
+
+    def _save(self) -> None:
+        assert self.state is not None
+        data = json.dumps(asdict(self.state), indent=1).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def adopt(self, pid: int) -> None:
+        """Put a child we started into the run's cgroup (or list it)."""
+        with self._lock:
+            state = self._ensure()
+            if state.cgroup is not None:
+                try:
+                    Path(state.cgroup, "cgroup.procs").write_text(str(pid))
+                    return
+                except OSError:
+                    pass  # it exited already, or the cgroup went away: list it
+            state.pids.append(pid)
+            self._save()
+
+    def add_mountpoint(self, path: Path | str) -> None:
+        self._add("mountpoints", str(path))
+
+    def add_dir(self, path: Path | str) -> None:
+        self._add("dirs", str(path))
+
+    def _add(self, what: str, value: str) -> None:
+        with self._lock:
+            items: list[str] = getattr(self._ensure(), what)
+            if value not in items:
+                items.append(value)
+                self._save()
+
+    def leftovers(self) -> list[str]:
+        """What of this run is still there: processes, FUSE mounts."""
+        with self._lock:
+            return [] if self.state is None else _leftovers(self.state)
+
+    def finish(self) -> None:
+        """At exit, after our own cleanup: drop the registration if nothing
+        of ours is left; otherwise keep it for the next run to reap."""
+        with self._lock:
+            if self.state is None or self.path is None:
+                return
+            if _leftovers(self.state):
+                return
+            if self.state.cgroup:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.state.cgroup)
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self.state = None
+
+
+RUN = Run()
+atexit.register(RUN.finish)  # registered before TRACKER's cleanup, so runs after it
+
+
+def _make_cgroup(name: str) -> str | None:
+    root = cgroup2_root()
+    if root is None:
+        return None
+    path = root / f"{CGROUP_PREFIX}{name}"
+    try:
+        path.mkdir()
+    except OSError:
+        return None
+    return str(path)
+
+
+def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+    """Popen a child of this run: adopted, and dying with its parent thread."""
+    proc: subprocess.Popen[Any] = subprocess.Popen(argv, preexec_fn=die_with_parent, **kw)
+    RUN.adopt(proc.pid)
+    return proc
+
+
+def run(argv: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """subprocess.run for an external tool (dd, fio, qemu-io, ...), adopted."""
+    with spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+        return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+# -- finding and removing what dead runs left ---------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return Path(f"/proc/{pid}/stat").exists() and "Z" not in _state_of(pid)
+
+
+def _state_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _cgroup_pids(cgroup: str) -> list[int]:
+    try:
+        return [int(x) for x in Path(cgroup, "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def _our_mounts(state: RunState) -> list[str]:
+    """FUSE mounts on the run's mountpoints or inside its directories."""
+    dirs = [d.rstrip("/") + "/" for d in state.dirs]
+    return sorted(
+        {
+            e.mountpoint
+            for e in mount_table()
+            if e.is_fuse
+            and (e.mountpoint in state.mountpoints or e.mountpoint.startswith(tuple(dirs)))
+        },
+        key=len,
+        reverse=True,  # the deepest first
+    )
+
+
+def _leftovers(state: RunState) -> list[str]:
+    left = []
+    if state.cgroup:
+        left += [f"process {p}" for p in _cgroup_pids(state.cgroup)]
+    left += [f"process {p}" for p in state.pids if _alive(p)]
+    left += [f"FUSE mount {m}" for m in _our_mounts(state)]
+    return left
+
+
+def _wait(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + REAP_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.01)
+
+
+def _reap(state: RunState) -> tuple[list[str], list[str]]:
+    """Remove what one dead run left; (removed, still there)."""
+    removed: list[str] = []
+    procs = _cgroup_pids(state.cgroup) if state.cgroup else []
+    procs += [p for p in state.pids if _alive(p)]
+    if state.cgroup and procs:
+        with contextlib.suppress(OSError):
+            Path(state.cgroup, "cgroup.kill").write_text("1")
+    for p in state.pids:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        _wait(lambda: not any(_alive(p) for p in procs), "killed processes to exit")
+    removed += [f"process {p}" for p in procs if not _alive(p)]
+    for mp in _our_mounts(state):
+        try:
+            umount_or_detach(mp)
+            removed.append(f"FUSE mount {mp}")
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+    if state.cgroup:
+        with contextlib.suppress(OSError):
+            os.rmdir(state.cgroup)
+    for d in state.dirs:
+        if os.path.isdir(d) and not any(
+            m.startswith(d.rstrip("/") + "/") for m in _our_mounts(state)
+        ):
+            shutil.rmtree(d, ignore_errors=True)
+            if not os.path.exists(d):
+                removed.append(f"directory {d}")
+    left = _leftovers(state)
+    left += [f"directory {d}" for d in state.dirs if os.path.exists(d)]
+    if state.cgroup and os.path.isdir(state.cgroup):
+        left.append(f"cgroup {state.cgroup}")
+    return removed, left
+
+
+@contextlib.contextmanager
+def _stale_states() -> Iterator[Iterator[tuple[Path, RunState]]]:
+    def states() -> Iterator[tuple[Path, RunState]]:
+        for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:  # held by its owner while it lives
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    state = RunState(**json.loads(Path(path).read_text()))
+                except (ValueError, TypeError):
+                    state = None
+                if state is None:
+                    path.unlink(missing_ok=True)
+                    continue
+                yield path, state
+            finally:
+                os.close(fd)
+
+    yield states()
+
+
+def reap_stale() -> list[str]:
+    """Clean up after every run whose owner died; one line per thing."""
+    lines = []
+    with _stale_states() as states:
+        for path, state in states:
+            if state.pid == os.getpid():
+                continue
+            removed, left = _reap(state)
+            when = time.strftime("%H:%M:%S", time.localtime(state.started))
+            who = f"run of pid {state.pid} ({when})"
+            lines += [f"cleanup: removed {r}, left by the dead {who}" for r in removed]
+            if left:
+                lines += [f"cleanup: could NOT remove {x}, left by the dead {who}" for x in left]
+            else:
+                path.unlink(missing_ok=True)
+    return lines
