@@ -16,6 +16,7 @@ import errno
 import faulthandler
 import fcntl
 import os
+import resource
 import select
 import signal
 import stat
@@ -29,6 +30,7 @@ from .. import __version__
 from ..cli import OneLineParser
 from ..kernel import abi
 from ..kernel.mount import MS_NOATIME, MS_NODEV, MS_NOSUID, MS_RDONLY, find_mount, mount, umount
+from ..kernel.ring import IORING_MAX_ENTRIES
 from ..layout import possible_cpus, ring_queues_of
 from ..options import BY_KEY, FSTYPE, OPTIONS, Settings
 from .backend import Backend, ImageBackend, NullBackend
@@ -42,9 +44,14 @@ from .protocol import (
 )
 from .qmp_server import QmpError, QmpServer, check_args
 from .transport import ConnectionGone, DevFuseQueue, Queue
-from .uring_transport import RingHalted, RingQueue
+from .uring_transport import RingHalted, RingQueue, entry_size, ring_entries
 
 INIT_TIMEOUT = 10.0
+# Queue threads beyond the CPUs only idle; each takes a few fds (its /dev/fuse
+# clone, an eventfd, a ring), on top of the program's own.
+MAX_QUEUES = 256
+FDS_PER_QUEUE = 3
+FDS_BASE = 32
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
@@ -125,12 +132,43 @@ class Export:
             raise ExportError("exactly one of --image and --null-size is required")
         if o.queues < 1:
             raise ExportError(f"--queues must be at least 1, not {o.queues}")
+        if o.queues > MAX_QUEUES:
+            raise ExportError(f"--queues {o.queues}: at most {MAX_QUEUES} queue threads")
+        need = FDS_PER_QUEUE * o.queues + FDS_BASE
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if need > nofile:
+            raise ExportError(
+                f"--queues {o.queues} needs about {need} file descriptors; "
+                f"the limit (RLIMIT_NOFILE) is {nofile}"
+            )
         if o.ring_depth < 1:
             raise ExportError(f"--ring-depth must be at least 1, not {o.ring_depth}")
         if o.max_write % 4096 or not 4096 <= o.max_write <= 1 << 20:
             raise ExportError("--max-write must be a multiple of 4 KiB between 4 KiB and 1 MiB")
         if o.growable and not o.writable:
             raise ExportError("--growable requires --writable")
+        if o.io_uring != "off":
+            self._validate_rings()
+
+    def _validate_rings(self) -> None:
+        """What the rings will take, checked before anything is mounted."""
+        o = self.opts
+        ring_queues = possible_cpus()
+        busiest = max(len(ring_queues_of(i, o.queues, ring_queues)) for i in range(o.queues))
+        if ring_entries(busiest * o.ring_depth) > IORING_MAX_ENTRIES:
+            raise ExportError(
+                f"--ring-depth {o.ring_depth}: a queue thread would own {busiest} ring queue(s) "
+                f"x {o.ring_depth} entries, more than io_uring's {IORING_MAX_ENTRIES}"
+            )
+        entry = entry_size(ExportConfig(max_write=o.max_write).payload_size)
+        need = ring_queues * o.ring_depth * entry
+        avail = _mem_available()
+        if avail is not None and need > avail // 2:
+            raise ExportError(
+                f"--ring-depth {o.ring_depth}: the ring buffers would take {need >> 20} MiB "
+                f"({ring_queues} ring queues x {o.ring_depth} x {entry} bytes); "
+                f"half of the memory available is {avail >> 21} MiB"
+            )
 
     def _validate_paths(self) -> None:
         o = self.opts
@@ -283,9 +321,10 @@ class Export:
         except RingHalted as e:
             print(f"export: queue {q.index}: {e}", file=sys.stderr)
             self.request_stop(str(e), status=1)
-        except BaseException as e:
-            self.request_stop(f"queue {q.index}: {e}", status=1)
-            raise
+        except Exception as e:  # one line for the user, never a thread traceback
+            what = f"queue {q.index}: {type(e).__name__}: {e}"
+            print(f"export: {what}", file=sys.stderr)
+            self.request_stop(what, status=1)
 
     # -- running ----------------------------------------------------------
 
@@ -462,6 +501,17 @@ class Export:
             "quit": quit_,
             "x-inject-fault": inject_fault,
         }
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _clone_fd(session_fd: int) -> int:

@@ -57,6 +57,17 @@ class Entry:
     in_kernel: bool = False  # submitted, its CQE not seen yet
 
 
+def entry_size(payload_size: int) -> int:
+    """Bytes per ring entry: the request header, then the payload, 64-aligned."""
+    stride = abi.URING_HEADER_SIZE + payload_size
+    return stride + -stride % 64
+
+
+def ring_entries(entries: int) -> int:
+    """SQ size for a queue thread's ring entries, its POLL_ADDs and a spare."""
+    return 1 << max(2, (entries + 2 - 1).bit_length())
+
+
 class RingQueue(Queue):
     kind = "io-uring"
 
@@ -95,8 +106,7 @@ class RingQueue(Queue):
     def _allocate(self) -> None:
         n = len(self.qids) * self.depth
         header = abi.URING_HEADER_SIZE
-        stride = header + self.payload_size
-        stride += -stride % 64
+        stride = entry_size(self.payload_size)
         self._mem = mmap.mmap(-1, max(1, n * stride))
         self._iovs = bytearray(max(1, n) * abi.URING_IOVEC2.size)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
@@ -142,8 +152,7 @@ class RingQueue(Queue):
             if cpus:
                 os.sched_setaffinity(0, cpus)
             self._allocate()
-            inflight = len(self.entries) + 2
-            self.ring = Ring(1 << max(2, (inflight - 1).bit_length()))
+            self.ring = Ring(ring_entries(len(self.entries)))
             for e in self.entries:
                 self._submit_cmd(e, abi.FUSE_IO_URING_CMD_REGISTER)
             self.ring.prep_poll_add(self.wake_fd, select.POLLIN, _WAKE)

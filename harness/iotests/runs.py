@@ -240,6 +240,19 @@ def _leftovers(state: RunState) -> list[str]:
     return left
 
 
+def _rmdir(path: str | None) -> bool:
+    """True once path is gone."""
+    if path is None:
+        return True
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def _wait(condition: Any, what: str) -> None:
     deadline = time.monotonic() + REAP_TIMEOUT
     while not condition():
@@ -270,8 +283,8 @@ def _reap(state: RunState) -> tuple[list[str], list[str]]:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise
     if state.cgroup:
-        with contextlib.suppress(OSError):
-            os.rmdir(state.cgroup)
+        with contextlib.suppress(TimeoutError):  # EBUSY until the kernel has
+            _wait(lambda: _rmdir(state.cgroup), "the cgroup to empty")  # let go of them
     for d in state.dirs:
         if os.path.isdir(d) and not any(
             m.startswith(d.rstrip("/") + "/") for m in _our_mounts(state)

@@ -50,6 +50,7 @@ _SYSCALLS: dict[str, tuple[int, int]] = {
 }
 
 IORING_SETUP_SQE128 = 1 << 10
+IORING_MAX_ENTRIES = 32768  # the kernel's bound on SQ entries (io_uring_setup: EINVAL)
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_FEAT_NODROP = 1 << 1
 IORING_ENTER_GETEVENTS = 1 << 0

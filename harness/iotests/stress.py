@@ -1,0 +1,144 @@
+"""tools/stress: the suite under load, and runs interrupted at random moments.
+
+    tools/stress [--runs N] [--interrupts N] [--seed S]
+
+1. N times `pytest -n 2` with two busy CPU loops beside it (default 20):
+   every failure is a flake to fix at its cause.
+2. N runs of `tools/check -fuse -j 2 -g race,eof` (alternately over
+   io_uring) interrupted at a random moment by SIGINT, SIGTERM or SIGKILL
+   in turn (default 30); after each, `check --cleanup`, then a check that no
+   FUSE mount, exporter, client or instance directory of the harness is
+   left.  Run it alone: that check looks at the whole machine.
+
+Not part of .ci/run (it takes about half an hour); the README has its last
+result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..kernel.mount import mount_table
+from .lifecycle import REPO, child_env
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+PYTEST_TIMEOUT = 900
+CHECK_TIMEOUT = 120
+
+
+def busy_loops(n: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(n)]
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def pytest_runs(n: int) -> int:
+    failed = 0
+    loops = busy_loops(2)
+    try:
+        for i in range(1, n + 1):
+            t0 = time.monotonic()
+            res = subprocess.run(
+                [str(REPO / ".venv/bin/pytest"), "-n", "2", "-q", "-p", "no:cacheprovider"],
+                cwd=REPO, capture_output=True, text=True, timeout=PYTEST_TIMEOUT,
+            )  # fmt: skip
+            last = (res.stdout.strip().splitlines() or ["?"])[-1]
+            failed += res.returncode != 0
+            print(f"pytest run {i}/{n}: exit {res.returncode}, {last} "
+                  f"({time.monotonic() - t0:.0f} s)", flush=True)  # fmt: skip
+            if res.returncode:
+                for line in res.stdout.splitlines():
+                    if line.startswith(("FAILED", "ERROR")):
+                        print(f"    {line}", flush=True)
+    finally:
+        stop(loops)
+    return failed
+
+
+def leftovers() -> list[str]:
+    """Anything of the harness's still on the machine (run this alone)."""
+    scratch = tempfile.gettempdir() + "/fuse-iotests."
+    found = [
+        f"FUSE mount {e.mountpoint}"
+        for e in mount_table()
+        if e.is_fuse and e.mountpoint.startswith(scratch)
+    ]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if scratch in cmd and ("harness." in cmd or "qemu-storage-daemon" in cmd):
+            found.append(f"process {pid}: {cmd[:100]}")
+    found += [
+        f"directory {d}" for d in Path(tempfile.gettempdir()).glob("fuse-iotests.*")
+        if d.name != "fuse-iotests.pytest" and d.is_dir()
+    ]  # fmt: skip
+    return found
+
+
+def interrupt_runs(n: int, rng: random.Random) -> int:
+    failed = 0
+    for i in range(n):
+        sig = SIGNALS[i % len(SIGNALS)]
+        env = {**child_env(), "FUSE_OVER_IO_URING": "1" if i % 2 else "0"}
+        argv = [str(REPO / "tools/check"), "-fuse", "-j", "2", "-g", "race,eof"]
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            # As from a terminal, whatever started us (a background job ignores SIGINT).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        delay = rng.uniform(0.5, 6.0)  # the random moment: chosen, not waited for
+        time.sleep(delay)
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=CHECK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            err += "\n(did not exit within the bound after the signal)"
+        cleanup = subprocess.run(
+            [str(REPO / "tools/check"), "--cleanup"],
+            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=CHECK_TIMEOUT,
+        )  # fmt: skip
+        removed = [ln for ln in cleanup.stderr.splitlines() if ln.startswith("cleanup: removed")]
+        left = leftovers()
+        ok = not left and "could NOT" not in cleanup.stderr
+        failed += not ok
+        said = (err.strip().splitlines() or [""])[-1]
+        outcome = "nothing left" if ok else "LEFT: " + "; ".join(left)
+        print(f"interrupt {i + 1}/{n}: {signal.Signals(sig).name} at {delay:.1f} s, "
+              f"exit {proc.returncode}, cleanup removed {len(removed)}, {outcome} | {said}",
+              flush=True)  # fmt: skip
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stress", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=20, help="pytest -n 2 runs under load")
+    p.add_argument("--interrupts", type=int, default=30, help="interrupted check runs")
+    p.add_argument("--seed", type=int, default=None, help="for the interrupt moments")
+    ns = p.parse_args(argv)
+    seed = ns.seed if ns.seed is not None else random.randrange(1 << 32)
+    print(f"stress: seed {seed}", flush=True)
+    failed_runs = pytest_runs(ns.runs) if ns.runs else 0
+    failed_irq = interrupt_runs(ns.interrupts, random.Random(seed)) if ns.interrupts else 0
+    print(f"pytest under load: {ns.runs - failed_runs} passed, {failed_runs} failed")
+    print(f"interrupts: {ns.interrupts - failed_irq} passed, {failed_irq} failed")
+    return 1 if failed_runs or failed_irq else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
