@@ -299,46 +299,37 @@ def _reap(state: RunState) -> tuple[list[str], list[str]]:
     return removed, left
 
 
-@contextlib.contextmanager
-def _stale_states() -> Iterator[Iterator[tuple[Path, RunState]]]:
-    def states() -> Iterator[tuple[Path, RunState]]:
-        for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
+def _stale_states() -> Iterator[tuple[Path, RunState]]:
+    """Each registration whose owner died, locked while the caller reaps it."""
+    for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:  # held by its owner while it lives
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 continue
             try:
-                try:  # held by its owner while it lives
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                try:
-                    state = RunState(**json.loads(Path(path).read_text()))
-                except (ValueError, TypeError):
-                    state = None
-                if state is None:
-                    path.unlink(missing_ok=True)
-                    continue
-                yield path, state
-            finally:
-                os.close(fd)
-
-    yield states()
+                state = RunState(**json.loads(path.read_text()))
+            except (ValueError, TypeError):
+                path.unlink(missing_ok=True)  # not ours to understand, nothing to reap
+                continue
+            yield path, state
+        finally:
+            os.close(fd)
 
 
 def reap_stale() -> list[str]:
     """Clean up after every run whose owner died; one line per thing."""
     lines = []
-    with _stale_states() as states:
-        for path, state in states:
-            if state.pid == os.getpid():
-                continue
-            removed, left = _reap(state)
-            when = time.strftime("%H:%M:%S", time.localtime(state.started))
-            who = f"run of pid {state.pid} ({when})"
-            lines += [f"cleanup: removed {r}, left by the dead {who}" for r in removed]
-            if left:
-                lines += [f"cleanup: could NOT remove {x}, left by the dead {who}" for x in left]
-            else:
-                path.unlink(missing_ok=True)
+    for path, state in _stale_states():  # our own is locked: never listed
+        removed, left = _reap(state)
+        when = time.strftime("%H:%M:%S", time.localtime(state.started))
+        who = f"run of pid {state.pid} ({when})"
+        lines += [f"cleanup: removed {r}, left by the dead {who}" for r in removed]
+        lines += [f"cleanup: could NOT remove {x}, left by the dead {who}" for x in left]
+        if not left:
+            path.unlink(missing_ok=True)
     return lines

@@ -401,13 +401,14 @@ class Session:
             raise RuntimeError("no export is running (export.start is false?)")
         return self.exporter
 
-    def open(self, flags: int) -> int | None:
-        """The target opened, or None after logging why open(2) failed: a
-        read-only mount refuses O_RDWR with EROFS before any request."""
+    def open(self, flags: int, what: str) -> int | None:
+        """The target opened, or None after logging why open(2) failed for the
+        step `what`: a read-only mount refuses O_RDWR with EROFS before any
+        request reaches the export."""
         try:
             return os.open(self.target, flags | os.O_CLOEXEC)
         except OSError as e:
-            self.log(f"open failed: {describe(e)}")
+            self.log(f"{what}: open failed: {describe(e)}")
             return None
 
 
@@ -423,7 +424,7 @@ def _write(s: Session, a: dict[str, Any]) -> None:
     off, length = a["offset"], a["length"]
     buf = page_buffer(length)
     buf[:length] = fill_bytes(a.get("pattern", 0xAB), off, length)
-    fd = s.open(os.O_RDWR)
+    fd = s.open(os.O_RDWR, "write")
     if fd is None:
         return
     try:
@@ -447,7 +448,7 @@ def _read(s: Session, a: dict[str, Any]) -> None:
     """pread(2) and verify against a pattern if given; print as qemu-io's read."""
     off, length = a["offset"], a["length"]
     buf = page_buffer(length)
-    fd = s.open(os.O_RDONLY)
+    fd = s.open(os.O_RDONLY, "read")
     if fd is None:
         return
     try:
@@ -472,11 +473,7 @@ def _qemu_io(s: Session, cmds: list[str]) -> None:
     argv = ["qemu-io", "-f", "raw"]
     for c in cmds:
         argv += ["-c", s.expand(c)]
-    res = runs.run([*argv, str(s.target)], IO_TIMEOUT)
-    for line in (res.stdout + res.stderr).splitlines():
-        s.log(line)
-    if res.returncode:
-        s.log(f"qemu-io: exit {res.returncode}")
+    _run_tool(s, [*argv, str(s.target)], "qemu-io")
 
 
 @step("qemu-img", scalar=text, metavar="ARGS")
@@ -541,7 +538,7 @@ def _disk_usage(s: Session, _: None) -> None:
 @step("truncate", scalar=size, metavar="SIZE")
 def _truncate(s: Session, length: int) -> None:
     """ftruncate(2) the target to a size."""
-    fd = s.open(os.O_RDWR)
+    fd = s.open(os.O_RDWR, f"truncate {length}")
     if fd is None:
         return
     try:
@@ -564,7 +561,7 @@ def _fallocate(s: Session, a: dict[str, Any]) -> None:
     for part in filter(None, mode_s.split(",")):
         mode |= FALLOC_MODES[part]
     what = f"fallocate {mode_s or 'default'} {a['offset']}+{a['length']}"
-    fd = s.open(os.O_RDWR)
+    fd = s.open(os.O_RDWR, what)
     if fd is None:
         return
     try:
@@ -582,7 +579,7 @@ WHENCE = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE, "set": os.SEEK_SET, "end":
 @step("lseek", {"offset": (size, True), "whence": (choice(*WHENCE), True)})
 def _lseek(s: Session, a: dict[str, Any]) -> None:
     """lseek(2) with SEEK_DATA/SEEK_HOLE/SEEK_SET/SEEK_END; print the result or errno."""
-    fd = s.open(os.O_RDONLY)
+    fd = s.open(os.O_RDONLY, f"lseek {a['whence']} {a['offset']}")
     if fd is None:
         return
     try:
@@ -598,7 +595,7 @@ def _lseek(s: Session, a: dict[str, Any]) -> None:
 @step("map")
 def _map(s: Session, _: None) -> None:
     """Print the data/hole map from SEEK_DATA/SEEK_HOLE, like qemu-img map."""
-    fd = s.open(os.O_RDONLY)
+    fd = s.open(os.O_RDONLY, "map")
     if fd is None:
         return
     try:
@@ -648,7 +645,7 @@ def _stat(s: Session, fields: list[str] | None) -> None:
 @step("fsync")
 def _fsync(s: Session, _: None) -> None:
     """fsync(2) the target."""
-    fd = s.open(os.O_RDWR)
+    fd = s.open(os.O_RDWR, "fsync")
     if fd is None:
         return
     try:

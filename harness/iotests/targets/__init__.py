@@ -61,14 +61,14 @@ class Target:
 
     def lacks(self, needs: Iterable[str]) -> str | None:
         """Why capabilities `needs` are not all here, or None."""
-        for cap in sorted(set(needs) - self.capabilities):
-            return f"target {self.label} has no {CAPABILITIES[cap]}"
-        return None
+        missing = sorted(set(needs) - self.capabilities)
+        return f"target {self.label} has no {CAPABILITIES[missing[0]]}" if missing else None
 
     def settings_problem(self, settings: Settings) -> str | None:
         """Why this target cannot export with these settings, or None."""
-        for key in sorted(settings.explicit - self.options):
-            return f"target {self.label} has no export option '{key}'"
+        unknown = sorted(settings.explicit - self.options)
+        if unknown:
+            return f"target {self.label} has no export option '{unknown[0]}'"
         if settings["queues"] > 1 and "multi-queue" not in self.capabilities:
             return self.lacks({"multi-queue"})
         if settings["io-uring"] != "off" and "io-uring" not in self.capabilities:
