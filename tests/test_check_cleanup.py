@@ -293,7 +293,15 @@ def test_cleanup_during_a_spawn_removes_the_new_process(tmp_path: Path) -> None:
 
     exp = HeldSpawn(tmp_path, tmp_path / "mp")
     exp._spawning = lock = WatchedLock()  # type: ignore[assignment]
-    spawner = threading.Thread(target=exp.spawn)
+    checked = threading.Event()
+
+    def spawn_and_stay() -> None:
+        exp.spawn()
+        # The child's parent-death signal fires when this thread ends: stay,
+        # so that only the cleanup can have removed it.
+        checked.wait(30)
+
+    spawner = threading.Thread(target=spawn_and_stay)
     spawner.start()
     assert in_spawn.wait(10)
     removed: list[str] = []
@@ -301,9 +309,11 @@ def test_cleanup_during_a_spawn_removes_the_new_process(tmp_path: Path) -> None:
     cleaner.start()
     try:
         assert lock.contended.wait(10), "cleanup did not wait for the spawn in progress"
+        go_on.set()
+        cleaner.join(30)
+        assert exp.proc is not None and exp.returncode() is not None
+        assert removed == [f"exporter pid {exp.pid}"]
     finally:
         go_on.set()
+        checked.set()
         spawner.join(10)
-        cleaner.join(30)
-    assert exp.proc is not None and exp.returncode() is not None
-    assert removed == [f"exporter pid {exp.pid}"]
