@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from harness.iotests.context import CaseContext
 from harness.iotests.probe import Client, Completion, Probe, Served
+from harness.iotests.steps import Session
 from harness.kernel import abi
 from harness.layout import possible_cpus
 
@@ -44,13 +44,13 @@ CLIENT_CPU = 0  # the client is pinned here, so its requests go to ring queue (q
 PREAD = (0, 4096)
 
 
-def _start(ctx: CaseContext) -> Probe:
+def _start(s: Session) -> Probe:
     """Mount a probe and read the kernel's FUSE_INIT."""
-    p = Probe(ctx.workdir, ctx)
+    p = Probe(s.workdir, s)
     p.mount()
     init = p.read_init()
-    ctx.log(f"kernel FUSE_INIT: protocol {init.major}.{init.minor}")
-    ctx.log(f"kernel offers: {' '.join(init.flag_names)}")
+    s.log(f"kernel FUSE_INIT: protocol {init.major}.{init.minor}")
+    s.log(f"kernel offers: {' '.join(init.flag_names)}")
     return p
 
 
@@ -72,182 +72,182 @@ def _register_once(
     return p.wait_completion(r, "the CQE of REGISTER")
 
 
-def _start_client(ctx: CaseContext, p: Probe) -> Client:
-    ctx.log(f"client pread {PREAD[0]} {PREAD[1]}, pinned to the CPU of qid {CLIENT_CPU}")
+def _start_client(s: Session, p: Probe) -> Client:
+    s.log(f"client pread {PREAD[0]} {PREAD[1]}, pinned to the CPU of qid {CLIENT_CPU}")
     return p.client("pread", *PREAD, cpu=CLIENT_CPU)
 
 
-def _finish_client(ctx: CaseContext, p: Probe, c: Client) -> None:
+def _finish_client(s: Session, p: Probe, c: Client) -> None:
     """Serve until the client has exited and its file was released; log both."""
     p.serve(lambda: c.done() and any(s.op == "RELEASE" for s in p.served), "client and RELEASE")
     served = p.take_served()
     ops = " ".join(s.op + (f"={s.error}" if s.error else "") for s in served)
-    ctx.log(f"client: {c.result()}")
-    ctx.log(f"served on {_where(served)}: {ops}")
+    s.log(f"client: {c.result()}")
+    s.log(f"served on {_where(served)}: {ops}")
 
 
-def _pread(ctx: CaseContext, p: Probe) -> None:
-    _finish_client(ctx, p, _start_client(ctx, p))
+def _pread(s: Session, p: Probe) -> None:
+    _finish_client(s, p, _start_client(s, p))
 
 
-def _accepted(ctx: CaseContext, p: Probe, what: str) -> None:
+def _accepted(s: Session, p: Probe, what: str) -> None:
     """A REGISTER is pending (its CQE only comes with a request): no CQE for a short bound."""
     quiet = p.stays_false(p.ring_pending, f"a CQE after {what}")
-    ctx.log(f"{what}: {'no CQE within 0.3 s (accepted)' if quiet else 'completed at once'}")
+    s.log(f"{what}: {'no CQE within 0.3 s (accepted)' if quiet else 'completed at once'}")
 
 
-def _register_all(ctx: CaseContext, p: Probe) -> None:
+def _register_all(s: Session, p: Probe) -> None:
     r = p.ring()
     for qid in range(possible_cpus()):
         r.register(qid)
-    _accepted(ctx, p, "REGISTER one entry on every qid")
+    _accepted(s, p, "REGISTER one entry on every qid")
 
 
-def _reply(ctx: CaseContext, p: Probe, **kw: Any) -> None:
+def _reply(s: Session, p: Probe, **kw: Any) -> None:
     """Answer FUSE_INIT and log what was written."""
     written = p.reply_init(**kw)
     low = " ".join(abi.flag_names(written & 0xFFFFFFFF))
     high = " ".join(abi.flag_names(written >> 32 << 32)) or "none"
-    ctx.log(
+    s.log(
         f"reply FUSE_INIT: flags {low}; flags2 {high}; "
         f"max_write={p.max_write} max_pages={p.max_pages}"
     )
 
 
-def no_init_ext(ctx: CaseContext) -> None:
+def no_init_ext(s: Session) -> None:
     # Without INIT_EXT the kernel ignores flags2, so OVER_IO_URING is not
     # negotiated (inode.c process_init_reply) and no request waits for the
     # ring.  But fuse_uring_cmd() only refuses REGISTER when enable_uring is
     # off: REGISTER is accepted and, once every qid has an entry
     # (is_ring_ready), the connection moves to the ring anyway.
-    ctx.log("probe no-init-ext: OVER_IO_URING in flags2 of an INIT reply without INIT_EXT")
-    p = _start(ctx)
-    _reply(ctx, p, init_ext=False, over_io_uring=True)
+    s.log("probe no-init-ext: OVER_IO_URING in flags2 of an INIT reply without INIT_EXT")
+    p = _start(s)
+    _reply(s, p, init_ext=False, over_io_uring=True)
     r = p.ring()
     r.register(0)
-    _accepted(ctx, p, "REGISTER qid 0")
-    _pread(ctx, p)
+    _accepted(s, p, "REGISTER qid 0")
+    _pread(s, p)
     for qid in range(1, possible_cpus()):
         r.register(qid)
-    _accepted(ctx, p, "REGISTER the other qids")
-    _pread(ctx, p)
+    _accepted(s, p, "REGISTER the other qids")
+    _pread(s, p)
 
 
-def register_before_init(ctx: CaseContext) -> None:
+def register_before_init(s: Session) -> None:
     # fuse_uring_cmd(): !fc->initialized -> EAGAIN, checked before the REGISTER
     # branch, so it does not turn io_uring off: REGISTER works after the reply.
-    ctx.log("probe register-before-init: REGISTER before the FUSE_INIT reply is written")
-    p = _start(ctx)
+    s.log("probe register-before-init: REGISTER before the FUSE_INIT reply is written")
+    p = _start(s)
     r = p.ring()
     r.register(0)
     c = p.wait_completion(r, "the CQE of an early REGISTER")
-    ctx.log(f"REGISTER qid 0 before the INIT reply: {c.result}")
-    _reply(ctx, p)
-    _register_all(ctx, p)
-    _pread(ctx, p)
+    s.log(f"REGISTER qid 0 before the INIT reply: {c.result}")
+    _reply(s, p)
+    _register_all(s, p)
+    _pread(s, p)
 
 
-def small_payload(ctx: CaseContext) -> None:
+def small_payload(s: Session) -> None:
     # fuse_uring_create_ring_ent(): the payload iovec must hold
     # max(FUSE_MIN_READ_BUFFER, max_write, max_pages * PAGE_SIZE), so with
     # max_pages * 4 KiB > max_write a max_write-sized buffer is EINVAL.  A
     # failed REGISTER sets fc->io_uring = 0 (fuse_uring_cmd): requests stop
     # waiting for the ring and go to /dev/fuse.
-    ctx.log("probe small-payload: REGISTER with a payload smaller than max_pages * 4 KiB")
-    p = _start(ctx)
-    _reply(ctx, p, max_write=64 * 1024, max_pages=64)
+    s.log("probe small-payload: REGISTER with a payload smaller than max_pages * 4 KiB")
+    p = _start(s)
+    _reply(s, p, max_write=64 * 1024, max_pages=64)
     c = _register_once(p, 0, payload_size=64 * 1024)
-    ctx.log(f"REGISTER qid 0 with a 65536-byte payload ({p.payload_size} needed): {c.result}")
-    _pread(ctx, p)
+    s.log(f"REGISTER qid 0 with a 65536-byte payload ({p.payload_size} needed): {c.result}")
+    _pread(s, p)
 
 
-def bad_qid(ctx: CaseContext) -> None:
+def bad_qid(s: Session) -> None:
     # fuse_uring_register(): qid >= ring->nr_queues (num_possible_cpus()) ->
     # EINVAL; like every failed REGISTER it turns io_uring off.
-    ctx.log("probe bad-qid: REGISTER on a qid >= the number of possible CPUs")
-    p = _start(ctx)
-    _reply(ctx, p)
+    s.log("probe bad-qid: REGISTER on a qid >= the number of possible CPUs")
+    p = _start(s)
+    _reply(s, p)
     c = _register_once(p, possible_cpus())
-    ctx.log(f"REGISTER qid = number of possible CPUs (cpus={possible_cpus()}): {c.result}")
-    _pread(ctx, p)
+    s.log(f"REGISTER qid = number of possible CPUs (cpus={possible_cpus()}): {c.result}")
+    _pread(s, p)
 
 
-def no_sqe128(ctx: CaseContext) -> None:
+def no_sqe128(s: Session) -> None:
     # fuse_uring_cmd(): !(issue_flags & IO_URING_F_SQE128) -> EINVAL, checked
     # before anything else, so io_uring stays on and requests keep waiting for
     # the ring until a proper (SQE128) ring registers every qid.
-    ctx.log("probe no-sqe128: REGISTER from a ring set up without IORING_SETUP_SQE128")
-    p = _start(ctx)
-    _reply(ctx, p)
+    s.log("probe no-sqe128: REGISTER from a ring set up without IORING_SETUP_SQE128")
+    p = _start(s)
+    _reply(s, p)
     c = _register_once(p, 0, sqe128=False)
-    ctx.log(f"REGISTER qid 0 on a 64-byte-SQE ring: {c.result}")
-    c = _client_waits(ctx, p, "io_uring stays on, requests wait for the ring")
+    s.log(f"REGISTER qid 0 on a 64-byte-SQE ring: {c.result}")
+    c = _client_waits(s, p, "io_uring stays on, requests wait for the ring")
     r = p.ring()
     for qid in range(possible_cpus()):
         r.register(qid)
-    ctx.log("REGISTER one entry on every qid on an SQE128 ring")
-    _finish_client(ctx, p, c)
+    s.log("REGISTER one entry on every qid on an SQE128 ring")
+    _finish_client(s, p, c)
 
 
-def _client_waits(ctx: CaseContext, p: Probe, why: str) -> Client:
+def _client_waits(s: Session, p: Probe, why: str) -> Client:
     """Start a client and show for a short bound that no request reaches us."""
-    c = _start_client(ctx, p)
+    c = _start_client(s, p)
     quiet = p.stays_false(
         lambda: p.dev_readable() or p.ring_pending() or c.done(), "a request or the client's exit"
     )
     if quiet:
-        ctx.log(f"no request within 0.3 s, client still waiting ({why})")
+        s.log(f"no request within 0.3 s, client still waiting ({why})")
     else:
-        ctx.log(f"UNEXPECTED: a request or the client's exit within 0.3 s: {p.report()}")
+        s.log(f"UNEXPECTED: a request or the client's exit within 0.3 s: {p.report()}")
     return c
 
 
-def partial_register(ctx: CaseContext) -> None:
+def partial_register(s: Session) -> None:
     # is_ring_ready(): the ring is used (fiq->ops switched, blocked requests
     # woken) only once every qid has an available entry; until then, with
     # OVER_IO_URING negotiated, fuse_block_alloc() holds every request, even
     # one whose own qid has an entry.  Needs 2 possible CPUs (SPEC requires).
-    ctx.log("probe partial-register: REGISTER on qid 0 only, then on the other qids")
-    p = _start(ctx)
-    _reply(ctx, p)
+    s.log("probe partial-register: REGISTER on qid 0 only, then on the other qids")
+    p = _start(s)
+    _reply(s, p)
     r = p.ring()
     r.register(0)
-    _accepted(ctx, p, f"REGISTER qid 0 only (cpus={possible_cpus()})")
-    c = _client_waits(ctx, p, "the ring is not ready until every qid has an entry")
+    _accepted(s, p, f"REGISTER qid 0 only (cpus={possible_cpus()})")
+    c = _client_waits(s, p, "the ring is not ready until every qid has an entry")
     for qid in range(1, possible_cpus()):
         r.register(qid)
-    ctx.log("REGISTER the other qids")
-    _finish_client(ctx, p, c)
+    s.log("REGISTER the other qids")
+    _finish_client(s, p, c)
 
 
-def bad_commit_id(ctx: CaseContext) -> None:
+def bad_commit_id(s: Session) -> None:
     # fuse_uring_commit_fetch(): fuse_request_find() on the queue's processing
     # list fails for an unknown commit_id -> ENOENT; the request stays with its
     # entry (still FRRS_USERSPACE), so the client waits and a later commit with
     # the right id completes it.
-    ctx.log("probe bad-commit-id: COMMIT_AND_FETCH with a commit_id no request has")
-    p = _start(ctx)
-    _reply(ctx, p)
-    _register_all(ctx, p)
+    s.log("probe bad-commit-id: COMMIT_AND_FETCH with a commit_id no request has")
+    p = _start(s)
+    _reply(s, p)
+    _register_all(s, p)
     r = p.rings[-1]
-    client = _start_client(ctx, p)
+    client = _start_client(s, p)
     first = p.wait_completion(r, "the first request on the ring")
     opcode = p.load(first)
-    ctx.log(f"request {abi.op_name(opcode)} arrived on qid {first.entry.qid}")
+    s.log(f"request {abi.op_name(opcode)} arrived on qid {first.entry.qid}")
     p.prepare_reply(first.entry)
     r.commit(first.entry, commit_id=first.entry.commit_id + (1 << 32))
     bad = p.wait_completion(r, "the CQE of the wrong COMMIT_AND_FETCH")
-    ctx.log(f"COMMIT_AND_FETCH with a wrong commit_id: {bad.result}")
+    s.log(f"COMMIT_AND_FETCH with a wrong commit_id: {bad.result}")
     if p.stays_false(client.done, "the client's exit"):
-        ctx.log("client still waiting after 0.3 s: the entry keeps the request")
+        s.log("client still waiting after 0.3 s: the entry keeps the request")
     else:
-        ctx.log(f"UNEXPECTED: the client exited: {client.result()}")
+        s.log(f"UNEXPECTED: the client exited: {client.result()}")
     r.commit(first.entry)
-    ctx.log("COMMIT_AND_FETCH with the right commit_id")
-    _finish_client(ctx, p, client)
+    s.log("COMMIT_AND_FETCH with the right commit_id")
+    _finish_client(s, p, client)
 
 
-PROBES: dict[str, Callable[[CaseContext], None]] = {
+PROBES: dict[str, Callable[[Session], None]] = {
     "no-init-ext": no_init_ext,
     "register-before-init": register_before_init,
     "small-payload": small_payload,
@@ -258,5 +258,5 @@ PROBES: dict[str, Callable[[CaseContext], None]] = {
 }
 
 
-def run(ctx: CaseContext) -> None:
-    PROBES[ctx.params["probe"]](ctx)
+def run(s: Session) -> None:
+    PROBES[s.params["probe"]](s)

@@ -1,7 +1,7 @@
 """Pure multiqueue layout tables: which ring queues each queue thread owns."""
 
 # Guards: qid-to-queue ownership for any CPU count, idle queues too (seed review: get_nprocs()).
-from harness.iotests.context import CaseContext
+from harness.iotests.steps import Session
 from harness.layout import layout_table
 
 SPEC = {
@@ -25,9 +25,9 @@ def _ranges(qids: list[int]) -> str:
     return ",".join(map(str, qids))
 
 
-def run(ctx: CaseContext) -> None:
+def run(s: Session) -> None:
     for cpus in POSSIBLE_CPUS:
-        ctx.log(f"=== {cpus} possible CPU(s) ===")
+        s.log(f"=== {cpus} possible CPU(s) ===")
         for queues in QUEUES:
             table = layout_table(cpus, queues)
             owned = [f"q{q}:{_ranges(qids)}" for q, qids in enumerate(table) if qids]
@@ -35,4 +35,4 @@ def run(ctx: CaseContext) -> None:
             line = f"queues={queues}: " + " ".join(owned)
             if idle:
                 line += f"  idle: {' '.join(idle)}"
-            ctx.log(line)
+            s.log(line)

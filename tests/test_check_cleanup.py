@@ -69,6 +69,7 @@ def _mounts_of(case: str) -> list[str]:
     ]
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_timeout_reports_stderr_and_stacks_then_cleans_up(tmp_path: Path) -> None:
     res = subprocess.run(
         _suite(tmp_path, "stuck-timeout", 2),
@@ -138,6 +139,7 @@ def _stuck(argv: list[str], cases: list[str], sig: int) -> tuple[int, str]:
     return code, err
 
 
+@pytest.mark.usefixtures("fuse_root")
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status: int) -> None:
     """Ctrl-C (or a CI job's SIGTERM) while an instance is blocked in a FUSE read."""
@@ -156,6 +158,7 @@ def test_interrupt_removes_exporters_and_mounts(tmp_path: Path, sig: int, status
     ]
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_interrupt_with_parallel_jobs(tmp_path: Path) -> None:
     """-j 2, both instances blocked in a FUSE read: both are stopped and removed."""
     cases = [f"stuck-jobs-{os.getpid()}-{x}" for x in "ab"]
@@ -179,6 +182,7 @@ steps:
 """
 
 
+@pytest.mark.usefixtures("fuse_root")
 @pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="no qemu-storage-daemon")
 def test_interrupt_removes_qsd_daemons_and_mounts(tmp_path: Path) -> None:
     """Ctrl-C during a qsd run: the daemon and its plain 'fuse' mount go too."""
@@ -212,6 +216,7 @@ def test_interrupt_removes_qsd_daemons_and_mounts(tmp_path: Path) -> None:
     assert left == ([], []), err
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_sigkill_leftovers_are_reaped_by_cleanup(tmp_path: Path) -> None:
     """A run killed with SIGKILL while its exporter cannot react (stopped):
     the exporter and its mount survive it; `check --cleanup` removes them,
@@ -278,6 +283,7 @@ class WatchedLock:
         self._lock.release()
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_cleanup_during_a_spawn_removes_the_new_process(tmp_path: Path) -> None:
     """The SIGTERM leak: a cleanup from another thread (Ctrl-C, a timeout) ran
     while spawn() was between its check and Popen, found no process, and the

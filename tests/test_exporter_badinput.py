@@ -96,6 +96,7 @@ def assert_refused(res, message, files, before):  # type: ignore[no-untyped-def]
     assert fingerprint(files["img"]) == before
 
 
+@pytest.mark.usefixtures("fuse_root")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
 def test_unreadable_image(files: dict[str, Path]) -> None:
     files["img"].chmod(0o600)

@@ -53,4 +53,4 @@ def test_imports_respect_the_layout(path: Path) -> None:
 
 def test_the_checker_sees_relative_imports() -> None:
     assert "harness.kernel.abi" in imports_of(HARNESS / "exporter" / "protocol.py")
-    assert "harness.options" in imports_of(HARNESS / "iotests" / "steps.py")
+    assert "harness.options" in imports_of(HARNESS / "iotests" / "steps" / "vocabulary.py")

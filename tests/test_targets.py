@@ -78,7 +78,10 @@ def test_what_a_target_cannot_run_is_decided_from_the_spec(
 ) -> None:
     spec = load_spec(next(CASES.glob(f"{case}.*")))
     inst = next(i for i in spec.instances() if i.transport == via).on("qsd")
-    assert target_problem(spec, inst, Target("qsd", "7.2.22", frozenset(), qsd.OPTIONS)) == reason
+    assert (
+        target_problem(spec, spec.plan(inst), Target("qsd", "7.2.22", frozenset(), qsd.OPTIONS))
+        == reason
+    )
 
 
 def test_version_constraints_and_id_globs() -> None:
@@ -163,6 +166,7 @@ def golden_copy(tmp_path: Path) -> Path:
 
 
 @needs_qsd
+@pytest.mark.usefixtures("fuse_root")
 def test_listed_difference_is_xfail_and_unlisting_it_fails(golden_copy: Path) -> None:
     listed = check(golden_copy, "--target", "qsd", "-fuse", "rw-seek")
     assert listed.returncode == 0, listed.stdout
@@ -177,6 +181,7 @@ def test_listed_difference_is_xfail_and_unlisting_it_fails(golden_copy: Path) ->
 
 
 @needs_qsd
+@pytest.mark.usefixtures("fuse_root")
 def test_a_wrong_entry_is_xpass_and_fails_the_run(golden_copy: Path) -> None:
     (golden_copy / "known" / "wrong.yaml").write_text(
         "# wrong on purpose\nwhen: {target: qsd}\n"
@@ -194,6 +199,7 @@ def test_a_wrong_entry_is_xpass_and_fails_the_run(golden_copy: Path) -> None:
 
 
 @needs_qsd
+@pytest.mark.usefixtures("fuse_root")
 def test_diff_targets_compares_transcripts(golden_copy: Path) -> None:
     res = check(golden_copy, "--diff-targets", "reference,qsd", "-fuse", "rw-seek", "rw-patterns")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -210,6 +216,7 @@ def test_diff_targets_compares_transcripts(golden_copy: Path) -> None:
 
 
 @needs_qsd
+@pytest.mark.usefixtures("fuse_root")
 def test_qsd_target_is_detected_from_its_schema() -> None:
     binary = shutil.which("qemu-storage-daemon")
     assert binary is not None
@@ -220,6 +227,7 @@ def test_qsd_target_is_detected_from_its_schema() -> None:
     assert t.lacks({"faults"}) == f"target qsd-{t.version} has no fault injection"
 
 
+@pytest.mark.usefixtures("fuse_root")
 @pytest.mark.skipif(not FETCHED.exists(), reason="QSD 11.1 not fetched (tools/qsd fetch)")
 def test_fetched_qsd_has_multi_queue_but_no_io_uring() -> None:
     t = qsd.detect("qsd-11.1", "/ignored/for/qsd-11.1")

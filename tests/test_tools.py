@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from harness.iotests.lifecycle import REPO
 
 
@@ -15,6 +17,7 @@ def test_tools_export_version_and_bad_option() -> None:
     assert bad.stderr.splitlines()[-1].startswith("export: ")
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_tools_demo_passes() -> None:
     res = subprocess.run([REPO / "tools/demo"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -131,6 +131,7 @@ def suite(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_check_passes_and_writes_json_and_junit(suite: Path) -> None:
     res = check(suite, "-file")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -148,6 +149,7 @@ def test_check_passes_and_writes_json_and_junit(suite: Path) -> None:
     assert junit.get("tests") == "1" and junit.get("failures") == "0"
 
 
+@pytest.mark.usefixtures("fuse_root")
 @pytest.mark.parametrize(
     ("args", "env", "instance"),
     [
@@ -175,6 +177,7 @@ def test_changed_golden_line_fails_with_out_bad_and_diff(
     assert junit.get("failures") == "1"
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_parallel_jobs_pass_in_their_own_directories(suite: Path) -> None:
     for case in ("rw-seek", "race-kill", "eof-dd"):
         shutil.copy(REPO / "cases" / f"{case}.yaml", suite / "cases")
@@ -197,6 +200,7 @@ def test_parallel_jobs_pass_in_their_own_directories(suite: Path) -> None:
     assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_debug_shows_the_exporters_stderr(suite: Path) -> None:
     shutil.copy(REPO / "cases" / "negotiation-disabled.yaml", suite / "cases")
     shutil.copy(REPO / "golden" / "negotiation-disabled.out", suite / "golden")
@@ -211,6 +215,7 @@ def test_debug_shows_the_exporters_stderr(suite: Path) -> None:
     )
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_regen_rewrites_the_golden(suite: Path) -> None:
     golden = suite / "golden" / "rw-patterns.out"
     original = golden.read_text()
@@ -252,6 +257,7 @@ def test_a_bad_spec_stops_the_run_before_anything_runs(suite: Path) -> None:
     assert res.stdout == ""
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_missing_requirement_is_not_run(suite: Path) -> None:
     case = suite / "cases" / "rw-patterns.yaml"
     case.write_text(case.read_text().replace("modes:", "requires: {cpus: 4096}\nmodes:"))
@@ -263,6 +269,7 @@ def test_missing_requirement_is_not_run(suite: Path) -> None:
     assert res.stdout.splitlines()[-1] == "Passed all 0 iotests"
 
 
+@pytest.mark.usefixtures("fuse_root")
 def test_python_case_can_report_not_run(suite: Path) -> None:
     (suite / "cases" / "pyprobe.py").write_text(
         '"""A Python case that finds a requirement missing at run time."""\n\n'

@@ -1,7 +1,8 @@
 """tools/check: run case instances the way qemu-iotests' ./check does.
 
     tools/check [-fuse|-file] [-g GROUPS] [-x GROUPS] [-n] [-d] [-j N] [--regen]
-                [--target NAME] [--qsd PATH] [--diff-targets A,B] [CASE...]
+                [--target NAME] [--qsd PATH] [--diff-targets A,B]
+                [--timeout-scale F] [--cleanup] [CASE...]
 
 -fuse (the default) runs instances through an export on the classic
 /dev/fuse transport, or on FUSE-over-io_uring with FUSE_OVER_IO_URING=1.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from ..cli import OneLineParser
 from ..kernel.params import read_enable_uring, restore_enable_uring
-from . import known, targets
+from . import known, targets, timeouts
 from .context import Instance
 from .diff import diff_targets
 from .fingerprint import collect, format_lines
@@ -84,6 +85,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only remove what dead runs left (processes, mounts, directories)",
     )
+    p.add_argument(
+        "--timeout-scale",
+        default=os.environ.get(timeouts.SCALE_ENV, "1"),
+        metavar="F",
+        help="multiply every case timeout and wait bound by F, for slow machines and VMs "
+        f"(also {timeouts.SCALE_ENV})",
+    )
     p.add_argument("--results", metavar="DIR", help="results directory (default results/)")
     p.add_argument("--cases", metavar="DIR", default=str(CASES_DIR), help=argparse.SUPPRESS)
     p.add_argument("--golden", metavar="DIR", default=str(GOLDEN_DIR), help=argparse.SUPPRESS)
@@ -91,6 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     if ns.jobs < 1:
         p.error("-j must be at least 1")
+    try:
+        ns.timeout_scale = timeouts.parse_scale(ns.timeout_scale)
+    except timeouts.BadScale as e:
+        p.error(f"--timeout-scale: {e}")
     ns.mode = ns.mode or "fuse"
     if ns.diff_targets is not None:
         pair = ns.diff_targets.split(",")
@@ -163,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         _ignore_signals()
         cleanup_live()
-        TRACKER.cleanup_all()
+        for line in TRACKER.cleanup_all().failed:
+            print(f"cleanup: {line}", file=sys.stderr)
         left = RUN.leftovers()
         if left:  # said only after looking: the next run reaps these
             print(f"\nInterrupted; NOT removed: {', '.join(left)}", file=sys.stderr)
@@ -182,6 +195,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
+    timeouts.set_scale(ns.timeout_scale)
     reaped = reap_stale()  # what runs killed with SIGKILL left
     for line in reaped:
         print(line, file=sys.stderr)
@@ -236,6 +250,7 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     for line in format_lines(fp):
         print(line)
     print(f"MODE         -- {ns.mode}" + (f" ({transport})" if transport else ""))
+    print(f"TIMEOUTS     -- case timeouts x{ns.timeout_scale:g} (--timeout-scale)")
     print(f"RESULTS      -- {results_dir}")
     print()
     runs: list[list[Result]] = []

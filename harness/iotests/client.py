@@ -10,7 +10,6 @@ and exits 0 either way; only bad usage exits non-zero.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
@@ -20,8 +19,11 @@ from pathlib import Path
 from ..kernel.errnos import errno_name
 from ..kernel.libc import fallocate
 from ..patterns import pattern_bytes
+from .cleanup import run_all
+from .timeouts import scaled
 
 SEEK = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE}
+KILL_WAIT = 10.0  # a killed client exits at once; scaled
 OPS = ("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat")
 
 
@@ -114,21 +116,33 @@ class ClientPool:
             return p
 
     @staticmethod
-    def result(p: subprocess.Popen[str], timeout: float = 10.0) -> str:
-        out, _ = p.communicate(timeout=timeout)
+    def result(p: subprocess.Popen[str], timeout: float | None = None) -> str:
+        out, _ = p.communicate(timeout=timeout or scaled(KILL_WAIT))
         return out.strip()
 
     def run(self, op: str, path: Path, *args: int | str, cpu: int | None = None) -> str:
         return self.result(self.spawn(op, path, *args, cpu=cpu))
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> list[str]:
+        """Kill the clients still running; raise if one would not go (the
+        run's cgroup is the backstop)."""
         with self._lock:
             self.closed = True
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)  # bounded; the run's cgroup is the backstop
+        outcome = run_all((f"client {p.pid}", lambda p=p: _kill(p)) for p in self.procs)
+        if outcome.failed:
+            raise RuntimeError("; ".join(outcome.failed))
+        return outcome.removed
+
+
+def _kill(p: subprocess.Popen[str]) -> list[str]:
+    if p.poll() is not None:
+        return []
+    p.kill()
+    try:
+        p.wait(scaled(KILL_WAIT))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"client {p.pid} did not exit after SIGKILL") from None
+    return [f"client pid {p.pid}"]
 
 
 if __name__ == "__main__":

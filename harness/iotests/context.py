@@ -16,9 +16,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .cleanup import run_all
+from .timeouts import Budget, scaled
 from .waiting import wait_until
 
 T = TypeVar("T")
+
+UNBUDGETED = 20.0  # a wait outside a running body (scaled)
 
 
 class NotRun(Exception):
@@ -75,6 +79,7 @@ class CaseContext:
         self.diagnostics: list[Callable[[], str]] = []
         self.cancel_reason = ""
         self._cancelled = threading.Event()
+        self.budget: Budget | None = None
 
     def cancel(self, reason: str) -> None:
         """Stop the case thread at its next step (set before running cleanups,
@@ -128,15 +133,27 @@ class CaseContext:
                 parts.append(f"<diagnostic failed: {e}>")
         return "\n".join(p for p in parts if p)
 
-    def wait(self, condition: Callable[[], T], timeout: float, what: str) -> T:
-        """A bounded poll that reports the instance's diagnostics on timeout,
-        and stops at once when the instance is cancelled (Ctrl-C, timeout)."""
+    def start_clock(self, timeout: float) -> None:
+        """The instance's body starts now, with this (scaled) timeout."""
+        self.budget = Budget(timeout)
+
+    def bound(self, cap: float | None = None) -> float:
+        """How long a wait may take now: what is left of the budget (see
+        harness.iotests.timeouts), or a scaled default before it starts."""
+        if self.budget is None:
+            return scaled(cap if cap is not None else UNBUDGETED)
+        return self.budget.bound(cap)
+
+    def wait(self, condition: Callable[[], T], what: str, timeout: float | None = None) -> T:
+        """A bounded poll (default: the budget's bound) that reports the
+        instance's diagnostics on timeout, and stops at once when the
+        instance is cancelled (Ctrl-C, timeout)."""
 
         def cond() -> T:
             self.check_cancelled()
             return condition()
 
-        return wait_until(cond, timeout, what, self.report)
+        return wait_until(cond, self.bound() if timeout is None else timeout, what, self.report)
 
     def run_cleanups(self) -> list[str]:
         """Run (once) every deferred cleanup; return the errors they raised.
@@ -146,13 +163,8 @@ class CaseContext:
         with self._cleaning:
             with self._lock:
                 todo, self._cleanups = self._cleanups[::-1], []
-            errors = []
-            for what, fn in todo:
-                try:
-                    fn()
-                except Exception as e:
-                    errors.append(f"cleanup {what}: {type(e).__name__}: {e}")
-            return errors
+            outcome = run_all((f"cleanup {what}", fn) for what, fn in todo)
+            return outcome.failed
 
     @property
     def transcript(self) -> str:

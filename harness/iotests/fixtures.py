@@ -16,6 +16,7 @@ import pytest
 from ..kernel.errnos import errno_name
 from ..kernel.params import ENABLE_URING, ensure_uring, kernel_lock, read_param
 from ..patterns import make_image
+from .cleanup import run_all
 from .client import ClientPool
 from .lifecycle import TRACKER, ExporterProcess
 from .spec import TRANSPORTS
@@ -31,16 +32,32 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("transport", params)
 
 
+def fuse_problem() -> str | None:
+    """Why this process cannot mount FUSE file systems, or None."""
+    if os.geteuid() != 0:
+        return "needs root: it mounts FUSE file systems"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse"
+    return None
+
+
+@pytest.fixture
+def fuse_root() -> None:
+    """Skip (with the reason) a test that only root with /dev/fuse can run, so
+    the pure tests (spec, filters, golden, layout) run anywhere."""
+    problem = fuse_problem()
+    if problem:
+        pytest.skip(f"not run: {problem}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers() -> Iterator[None]:
     """Fail the run if a test left a FUSE mount or a /dev/fuse holder behind."""
-    if os.geteuid() != 0:
-        pytest.exit("these tests need root: they mount FUSE file systems", returncode=1)
     yield
     found = TRACKER.leftovers()
-    TRACKER.cleanup_all()
-    if found:
-        pytest.fail("left behind by the tests: " + "; ".join(found), pytrace=False)
+    outcome = TRACKER.cleanup_all()
+    if found or outcome.failed:
+        pytest.fail("left behind by the tests: " + "; ".join(found + outcome.failed), pytrace=False)
 
 
 class Exports:
@@ -85,8 +102,9 @@ class Exports:
         return exp
 
     def cleanup(self) -> None:
-        for exp in self.started:
-            exp.cleanup()
+        outcome = run_all((f"exporter {e.workdir.name}", e.cleanup) for e in self.started)
+        if outcome.failed:
+            raise RuntimeError("; ".join(outcome.failed))
 
 
 @pytest.fixture
@@ -106,7 +124,7 @@ def uring_kernel() -> Iterator[None]:
 
 
 @pytest.fixture
-def exports(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Exports]:
+def exports(tmp_path: Path, request: pytest.FixtureRequest, fuse_root: None) -> Iterator[Exports]:
     transport = (
         request.getfixturevalue("transport") if "transport" in request.fixturenames else "legacy"
     )
@@ -120,7 +138,7 @@ def exports(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Exports]
 
 
 @pytest.fixture
-def client() -> Iterator[ClientPool]:
+def client(fuse_root: None) -> Iterator[ClientPool]:
     c = ClientPool()
     try:
         yield c

@@ -26,9 +26,12 @@ from typing import Any
 from ..kernel.mount import find_mount, umount_or_detach
 from ..options import FSTYPE
 from . import runs
+from .cleanup import Outcome, run_all
 from .runs import RUN
+from .timeouts import scaled
 from .waiting import kernel_stacks, wait_until
 
+# Outside a case's budget (cleanup, the harness's own tests); all scaled.
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 QMP_TIMEOUT = 20.0  # a command on the control socket
@@ -98,21 +101,21 @@ class ExporterProcess:
                     env=child_env(),
                 )
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
         """Spawn and wait for the pidfile; ExportFailed if it exits first."""
         self.spawn()
         wait_until(
             lambda: self.pidfile.exists() or self.returncode() is not None,
-            START_TIMEOUT,
+            timeout or scaled(START_TIMEOUT),
             "the exporter's pidfile",
             self.report,
         )
         if self.returncode() is not None:
             raise ExportFailed(self.start_failure())
 
-    def start(self) -> ExporterProcess:
+    def start(self, timeout: float | None = None) -> ExporterProcess:
         """Start, configure, and wait until the export is mounted."""
-        self.wait_ready()
+        self.wait_ready(timeout)
         try:
             self.configure()
             self.qmp()  # connected from the start: no event is missed
@@ -154,7 +157,7 @@ class ExporterProcess:
             from qemu.qmp.legacy import QEMUMonitorProtocol
 
             q = QEMUMonitorProtocol(str(self.qmp_path))
-            q.settimeout(QMP_TIMEOUT)
+            q.settimeout(scaled(QMP_TIMEOUT))
             q.connect()
             self._qmp = q
         return self._qmp
@@ -174,14 +177,15 @@ class ExporterProcess:
         args = {"id": rule_id} if rule_id else {}
         return int(self.cmd("x-inject-fault", action="release", **args)["released"])
 
-    def wait_held(self, rule_id: str, count: int = 1, timeout: float = 10.0) -> None:
+    def wait_held(self, rule_id: str, count: int = 1, timeout: float | None = None) -> None:
         """Wait until rule_id holds exactly count requests."""
 
         def held() -> bool:
             rules = {r["id"]: r for r in self.query()["faults"]}
             return rules.get(rule_id, {}).get("held", 0) == count
 
-        wait_until(held, timeout, f"{count} request(s) held by {rule_id}", self.report)
+        what = f"{count} request(s) held by {rule_id}"
+        wait_until(held, timeout or scaled(STOP_TIMEOUT), what, self.report)
 
     def close_qmp(self) -> None:
         if self._qmp is not None:
@@ -197,17 +201,17 @@ class ExporterProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
+    def wait_exit(self, timeout: float | None = None) -> int:
         code = wait_until(
             lambda: (self.returncode(),) if self.returncode() is not None else None,
-            timeout,
+            timeout or scaled(STOP_TIMEOUT),
             f"exporter {self.pid} to exit",
             self.report,
         )[0]
         self.close_qmp()
         return int(code)
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+    def stop(self, timeout: float | None = None) -> int:
         """SIGTERM and wait for the exit status."""
         if self.returncode() is None:
             self.signal(signal.SIGTERM)
@@ -217,31 +221,49 @@ class ExporterProcess:
         entry = find_mount(str(self.mountpoint))
         return entry is not None and entry.mount_id == self.mount_id
 
-    def wait_unmounted(self, timeout: float = STOP_TIMEOUT) -> None:
+    def wait_unmounted(self, timeout: float | None = None) -> None:
         wait_until(
             lambda: not self.is_mounted(),
-            timeout,
+            timeout or scaled(STOP_TIMEOUT),
             f"{self.mountpoint} to be unmounted",
             self.report,
         )
 
     def cleanup(self) -> list[str]:
-        """Remove whatever is left; return what had to be removed."""
+        """Remove whatever is left; return what had to be removed.  Each part
+        runs even if another failed; a failure is raised at the end, and the
+        exporter leaves TRACKER only once nothing of it is left."""
         with self._spawning:  # a spawn in progress finishes first
             self._cleaned = True
-        removed = []
-        self.close_qmp()
-        if self.proc is not None and self.returncode() is None:
-            removed.append(f"exporter pid {self.pid}")
-            self.proc.send_signal(signal.SIGTERM)
+        outcome = run_all(
+            [
+                ("close QMP", self.close_qmp),
+                ("stop the process", self._kill),
+                ("remove the mount", self._unmount),
+            ]
+        )
+        if outcome.failed:
+            raise RuntimeError("; ".join(outcome.failed))
+        TRACKER.discard(self)
+        return outcome.removed
+
+    def _kill(self) -> list[str]:
+        if self.proc is None or self.returncode() is not None:
+            return []
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(scaled(STOP_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
             try:
-                self.proc.wait(STOP_TIMEOUT)
+                self.proc.wait(scaled(STOP_TIMEOUT))
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                try:
-                    self.proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    removed.append(f"UNKILLABLE pid {self.pid}:\n{kernel_stacks(self.pid)}")
+                raise RuntimeError(
+                    f"UNKILLABLE pid {self.pid}:\n{kernel_stacks(self.pid)}"
+                ) from None
+        return [f"exporter pid {self.pid}"]
+
+    def _unmount(self) -> list[str]:
         if self.mount_id is None and self.proc is not None:
             # Died before we saw the mount: ours only if it is our fstype and
             # new (not, say, the live export a refused second one ran into).
@@ -252,11 +274,10 @@ class ExporterProcess:
                 and entry.mount_id != self._mount_before
             ):
                 self.mount_id = entry.mount_id
-        if self.mount_id is not None and self.is_mounted():
-            removed.append(f"mount {self.mountpoint}")
-            umount_or_detach(str(self.mountpoint))
-        TRACKER.discard(self)
-        return removed
+        if self.mount_id is None or not self.is_mounted():
+            return []
+        umount_or_detach(str(self.mountpoint))
+        return [f"mount {self.mountpoint}"]
 
 
 class Tracker:
@@ -277,13 +298,11 @@ class Tracker:
             if e in self._live:
                 self._live.remove(e)
 
-    def cleanup_all(self) -> list[str]:
+    def cleanup_all(self) -> Outcome:
+        """Clean up every exporter still registered; one failure stops none."""
         with self._lock:
             live = list(self._live)
-        removed = []
-        for e in live:
-            removed += e.cleanup()
-        return removed
+        return run_all((f"exporter {e.workdir.name}", e.cleanup) for e in live)
 
     def leftovers(self) -> list[str]:
         """FUSE mounts on our mountpoints, and our children holding /dev/fuse."""

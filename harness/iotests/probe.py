@@ -40,10 +40,11 @@ from ..kernel.errnos import errno_name
 from ..kernel.mount import MS_NODEV, MS_NOSUID, find_mount, mount, umount_or_detach
 from ..kernel.ring import Ring
 from .client import start_client
+from .timeouts import scaled
 from .waiting import WaitTimeout, kernel_stacks, wait_until
 
 if TYPE_CHECKING:
-    from .context import CaseContext
+    from .steps import Session
 
 T = TypeVar("T")
 
@@ -52,7 +53,7 @@ FUSECTL = Path("/sys/fs/fuse/connections")
 FILE_SIZE = 1 << 20
 DEFAULT_MAX_WRITE = 128 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-WAIT = 5.0  # bound for something that must happen
+WAIT = 5.0  # bound for something that must happen, outside a case (scaled)
 QUIET = 0.3  # bound for showing that something does NOT happen
 # The kernel refuses /dev/fuse reads into buffers smaller than a maximal
 # WRITE; 1 MiB is the largest max_write (max_pages_limit 256).
@@ -192,7 +193,7 @@ class Client:
         """SIGKILL it if still running; bounded wait for its exit."""
         if not self.done():
             self.proc.send_signal(signal.SIGKILL)
-        wait_until(self.done, WAIT, f"probe client {self.argv} to exit", self._stacks)
+        wait_until(self.done, scaled(WAIT), f"probe client {self.argv} to exit", self._stacks)
         self.result()
 
     def _stacks(self) -> str:
@@ -201,7 +202,7 @@ class Client:
     def result(self) -> str:
         """Its output line; call after done()."""
         if self.output is None:
-            out, _ = self.proc.communicate(timeout=WAIT)
+            out, _ = self.proc.communicate(timeout=scaled(WAIT))
             self.output = out.strip()
         return self.output
 
@@ -212,10 +213,10 @@ class Probe:
     def __init__(
         self,
         workdir: Path,
-        ctx: CaseContext | None = None,
+        session: Session | None = None,
     ) -> None:
         self.workdir = workdir
-        self.ctx = ctx
+        self.session = session
         self.mountpoint = workdir / "probe.mnt"
         self.dev_fd = -1
         self.mount_id: int | None = None
@@ -231,9 +232,9 @@ class Probe:
         self._lock = threading.RLock()
         self._closed = False
         self._buf = bytearray(_READ_BUF)
-        if ctx is not None:
-            ctx.defer(self.teardown, "probe: abort, kill clients, unmount")
-            ctx.diagnose(self.report)
+        if session is not None:
+            session.defer(self.teardown, "probe: abort, kill clients, unmount")
+            session.diagnose(self.report)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -245,10 +246,11 @@ class Probe:
                 raise ProbeError("probe torn down")
             yield
 
-    def wait(self, condition: Callable[[], T], what: str, timeout: float = WAIT) -> T:
-        if self.ctx is not None:
-            return self.ctx.wait(condition, timeout, what)
-        return wait_until(condition, timeout, what, self.report)
+    def wait(self, condition: Callable[[], T], what: str, timeout: float | None = None) -> T:
+        """Bounded: by the case's budget (capped at timeout), else by timeout or WAIT."""
+        if self.session is not None:
+            return self.session.wait(condition, what, cap=timeout)
+        return wait_until(condition, scaled(timeout or WAIT), what, self.report)
 
     def stays_false(self, condition: Callable[[], object], what: str, bound: float = QUIET) -> bool:
         """True if condition() stayed false for the whole bound (a poll that must time out)."""
@@ -363,7 +365,7 @@ class Probe:
         """A CQE is waiting on some ring."""
         return any(r.reap() for r in self.rings)
 
-    def wait_completion(self, r: ProbeRing, what: str, timeout: float = WAIT) -> Completion:
+    def wait_completion(self, r: ProbeRing, what: str, timeout: float | None = None) -> Completion:
         return self.wait(r.take, what, timeout)
 
     # -- serving -------------------------------------------------------------
@@ -445,7 +447,7 @@ class Probe:
         r.commit(c.entry)
         return True
 
-    def serve(self, until: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    def serve(self, until: Callable[[], bool], what: str, timeout: float | None = None) -> None:
         """Answer requests from /dev/fuse and every ring until until() holds."""
 
         def step() -> bool:

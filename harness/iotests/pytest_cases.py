@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ..kernel.params import read_enable_uring, restore_enable_uring
-from . import known, targets
+from . import known, targets, timeouts
 from .context import Instance
 from .runner import CASES_DIR, KNOWN_DIR, Result, RunOptions, regen_requested, run_instance
 from .runs import reap_stale
@@ -39,6 +39,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"what serves the case exports: {', '.join(targets.names())}",
     )
     parser.addoption("--qsd", default=None, help="the qemu-storage-daemon for target qsd")
+    parser.addoption(
+        "--timeout-scale",
+        default=os.environ.get(timeouts.SCALE_ENV, "1"),
+        help="multiply every case timeout and wait bound (slow machines, VMs)",
+    )
 
 
 _TARGET = pytest.StashKey[targets.Target]()
@@ -51,7 +56,8 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         config.stash[_TARGET] = targets.resolve(config.getoption("target"), config.getoption("qsd"))
         config.stash[_KNOWN] = known.load(KNOWN_DIR)
-    except (targets.TargetError, SpecError) as e:
+        timeouts.set_scale(timeouts.parse_scale(config.getoption("timeout_scale")))
+    except (targets.TargetError, SpecError, timeouts.BadScale) as e:
         raise pytest.UsageError(str(e)) from None
     if not hasattr(config, "workerinput"):  # the controller, not an xdist worker
         config.stash[_ENABLE_URING] = read_enable_uring()

@@ -32,7 +32,8 @@ def _capabilities() -> str:
 
 SECTIONS: dict[str, Callable[[], str]] = {
     "steps": lambda: (
-        "| step | argument | what it does and prints |\n|---|---|---|\n" + step_reference()
+        "| step | argument | what it does and prints | where it runs, what it needs |\n"
+        "|---|---|---|---|\n" + step_reference()
     ),
     "filters": lambda: "| filter | what it does |\n|---|---|\n" + filter_reference(),
     "options": lambda: (

@@ -20,7 +20,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..kernel.mount import mount_table
 from ..kernel.params import (
@@ -32,25 +31,19 @@ from ..kernel.params import (
     uring_in_kernel,
 )
 from ..layout import possible_cpus
-from ..options import Settings
 from ..patterns import make_image
 from .context import Cancelled, CaseContext, Instance, NotRun
 from .filters import FilterEnv, apply_filters
 from .golden import compare, find_reference
 from .known import Environment, KnownDifferences
 from .lifecycle import REPO
+from .plan import Plan
 from .runs import RUN
-from .spec import CaseSpec, substitute
-from .steps import (
-    CASE_DEFAULTS,
-    CASE_EXPORT_FIELDS,
-    EXPORT_FIELDS,
-    IMAGE_FIELDS,
-    STEPS,
-    Session,
-    convert_fields,
-)
+from .spec import CaseSpec
+from .steps import Session
 from .targets import Target
+from .timeouts import scale
+from .waiting import WaitTimeout
 
 GOLDEN_DIR = REPO / "golden"
 KNOWN_DIR = GOLDEN_DIR / "known"
@@ -70,7 +63,6 @@ class RunOptions:
     target: Target
     golden_dir: Path = GOLDEN_DIR
     regen: bool = False
-    timeout_scale: float = 1.0
     known: KnownDifferences = field(default_factory=lambda: KnownDifferences([]))
 
     def environment(self, inst: Instance) -> Environment:
@@ -108,72 +100,42 @@ def cleanup_live() -> None:
         stop_case(ctx, None, "interrupted")
 
 
-def case_export(spec: CaseSpec, inst: Instance) -> dict[str, Any]:
-    """The instance's `export:` block, converted."""
-    return convert_fields(substitute(spec.export, dict(inst.params)), CASE_EXPORT_FIELDS)
-
-
-def export_settings(spec: CaseSpec, inst: Instance) -> Settings | None:
-    """The options a fuse instance's export starts with (None: -file, Python).
-    The transport's io-uring is implied, not a choice of the case."""
-    if inst.mode != "fuse" or spec.python:
-        return None
-    export = case_export(spec, inst)
-    export.pop("start", None)
-    io_uring = "on" if inst.transport == "uring" else "off"
-    return CASE_DEFAULTS.with_({"io-uring": io_uring}, explicit=False).with_(export)
-
-
-def target_problem(spec: CaseSpec, inst: Instance, target: Target) -> str | None:
-    """Why the target cannot run this instance, from what the spec declares
+def target_problem(spec: CaseSpec, plan: Plan, target: Target) -> str | None:
+    """Why the target cannot run this instance, from what its plan declares
     (steps' needs, export options): decided before anything runs."""
     if spec.targets and target.name not in spec.targets:
         return f"the case is for target {', '.join(spec.targets)} only"
-    settings = export_settings(spec, inst)
-    if settings is None:
+    if plan.settings is None:
         return None
-    needs = set().union(*(STEPS[name].needs for name in spec.step_names()))
-    problems = [target.settings_problem(settings), target.lacks(needs)]
-    params = dict(inst.params)
-    for s in spec.all_steps():
-        if s.name == "start-export":
-            extra = convert_fields(substitute(s.arg, params), EXPORT_FIELDS)
-            problems.append(target.settings_problem(settings.with_(extra)))
+    first, *others = plan.export_settings()  # what the case starts with, then start-export's
+    problems = [target.settings_problem(first), target.lacks(set(plan.needs))]
+    problems += [target.settings_problem(s) for s in others]
     return next((p for p in problems if p), None)
+
+
+# What each requirement a plan can have needs of this machine.
+TOOLS = {"fio": "fio", "qsd": "qemu-storage-daemon", "qemu-io": "qemu-io", "qemu-img": "qemu-img"}
 
 
 def missing_requirement(spec: CaseSpec, inst: Instance, target: Target) -> str | None:
     """Why this instance cannot run here, or None."""
-    problem = target_problem(spec, inst, target)
+    plan = spec.plan(inst)
+    problem = target_problem(spec, plan, target)
     if problem:
         return problem
-    req = dict(spec.requires)
-    names = spec.step_names()
-    pins = [s.arg for s in spec.steps if s.name == "pin" and isinstance(s.arg, int)]
-    if pins:
-        req["cpus"] = max(req.get("cpus", 0), max(pins) + 1)
-    if inst.mode == "fuse":
-        req.setdefault("root", True)
-        req.setdefault("dev-fuse", True)
-    if "fio" in names:
-        req["fio"] = True
-    if "qemu-io" in names:
-        req["qemu-io"] = True
-    if "qemu-img" in names:
-        req["qemu-img"] = True
+    req = plan.requires
     if req.get("root") and os.geteuid() != 0:
         return "needs root"
     if req.get("dev-fuse") and not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
-    tools = (("fio", "fio"), ("qsd", "qemu-storage-daemon"), ("qemu-io", "qemu-io"))
-    for key, tool in (*tools, ("qemu-img", "qemu-img")):
+    for key, tool in TOOLS.items():
         if req.get(key) and shutil.which(tool) is None:
             return f"{tool} not installed"
     if req.get("cpus", 0) > possible_cpus():
         return f"needs {req['cpus']} possible CPUs, this machine has {possible_cpus()}"
-    if "kernel-param" in names and not uring_in_kernel():
+    if req.get("kernel-uring") and not uring_in_kernel():
         return NO_URING
-    if inst.transport == "uring" or req.get("uring"):
+    if req.get("uring"):
         return ensure_uring()
     return None
 
@@ -183,7 +145,7 @@ def _kernel_lock(spec: CaseSpec, inst: Instance) -> Iterator[str | None]:
     """Every instance holds the cross-process lock shared, a serial one
     exclusively: it runs alone, to change kernel state or to count
     process-wide resources."""
-    uring = inst.transport == "uring" or spec.requires.get("uring")
+    uring = spec.plan(inst).requires.get("uring")
     with kernel_lock(exclusive=spec.serial):
         if uring and read_param(ENABLE_URING) != "Y":
             yield "enable_uring was changed by someone else"
@@ -212,7 +174,7 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
             try:
                 if not busy:
                     body, env = _prepare(spec, inst, ctx, opts.target)
-                    error, busy = _run_with_timeout(body, ctx, spec.timeout * opts.timeout_scale)
+                    error, busy = _run_with_timeout(body, ctx, spec.timeout * scale())
             except Exception as e:  # e.g. the image cannot be made: this instance fails
                 tb = "".join(traceback.format_exception(e)[-3:]).rstrip()
                 error = f"harness error: {type(e).__name__}: {e}\n{tb}"
@@ -283,29 +245,24 @@ def _prepare(
     spec: CaseSpec, inst: Instance, ctx: CaseContext, target: Target
 ) -> tuple[Callable[[], None], FilterEnv]:
     """The instance's body and the paths its filters replace."""
-    params = dict(inst.params)
+    plan = spec.plan(inst)
+    image = ctx.workdir / "disk.img"
     if spec.python:
         fn = spec.run_function()
-        return (lambda: fn(ctx)), FilterEnv(str(ctx.workdir), None)
-    image_opts = convert_fields(substitute(spec.image, params), IMAGE_FIELDS)
-    image = ctx.workdir / "disk.img"
-    fill = image_opts.get("fill", "offsets")
-    make_image(str(image), image_opts.get("size", 1 << 20), fill)
-    settings = export_settings(spec, inst)
-    if settings is not None:
+        session = Session(ctx, plan, image, image, target)
+        return (lambda: fn(session)), FilterEnv(str(ctx.workdir), None)
+    make_image(str(image), plan.image_size, plan.fill)
+    path = image
+    if plan.settings is not None:
         path = ctx.workdir / "disk.fuse"
         path.touch()
-    else:
-        path = image
     env = FilterEnv(str(ctx.workdir), str(path))
-    session = Session(ctx, image, path, fill, settings, target, filter_env=env)
-    steps = [(s.name, substitute(s.arg, params)) for s in spec.steps]
-    start = case_export(spec, inst).get("start", True)
+    session = Session(ctx, plan, image, path, target, filter_env=env)
 
     def body() -> None:
-        if settings is not None and start:
+        if plan.settings is not None and plan.start:
             session.start_export()
-        session.run_steps(steps)
+        session.run_steps(plan.steps)
 
     return body, env
 
@@ -330,11 +287,14 @@ def _run_with_timeout(
             outcome["not run"] = str(e)
         except Cancelled:
             pass  # the runner reports why
+        except WaitTimeout as e:  # a bounded wait's own report: no traceback
+            outcome["error"] = f"bounded wait: {e}"
         except BaseException as e:  # reported, not raised, from the worker
             tb = traceback.format_exception(e)
             outcome["error"] = f"{type(e).__name__}: {e}\n" + "".join(tb[-3:]).rstrip()
 
     t = threading.Thread(target=worker, name=f"case {ctx.instance.id}", daemon=True)
+    ctx.start_clock(timeout)
     t.start()
     try:
         finished.wait(timeout)

@@ -32,12 +32,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..kernel.mount import mount_table, umount_or_detach
+from .waiting import WaitTimeout, kernel_stacks
 
 # FUSE_IOTESTS_STATE_DIR: a private registry (the harness's own tests use one).
 STATE_DIR = Path(os.environ.get("FUSE_IOTESTS_STATE_DIR", "/run/fuse-iotests/runs"))
@@ -177,15 +178,34 @@ def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
     return proc
 
 
-def run(argv: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """subprocess.run for an external tool (dd, fio, qemu-io, ...), adopted."""
+class ToolTimeout(WaitTimeout):
+    """An external tool overran its bound; str() is the bounded-wait report."""
+
+
+def run(
+    argv: list[str],
+    timeout: float,
+    diagnose: Callable[[], str] | None = None,
+    **kw: Any,
+) -> subprocess.CompletedProcess[str]:
+    """subprocess.run for an external tool (dd, fio, qemu-io, ...), adopted.
+    An overrun kills it and raises ToolTimeout with what it was doing."""
     with spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stacks = kernel_stacks(p.pid)
             p.kill()
-            p.communicate()
-            raise
+            out, err = p.communicate()
+            tail = "\n".join((out + err).splitlines()[-10:])
+            report = [
+                f"timed out after {timeout:.1f}s waiting for {argv[0]} to exit "
+                f"(killed): {' '.join(argv)}",
+                f"{argv[0]} output (tail):\n{tail}" if tail else f"{argv[0]}: no output",
+                f"kernel stacks of {argv[0]} {p.pid}:\n{stacks}",
+                diagnose() if diagnose is not None else "",
+            ]
+            raise ToolTimeout("\n".join(r for r in report if r)) from None
         return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 

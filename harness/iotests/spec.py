@@ -2,8 +2,9 @@
 
 A spec is checked completely before anything runs: unknown keys, bad
 types, unknown steps and matrix values that nothing uses are errors that
-name the file and line.  Every matrix instance is expanded and its steps
-type-checked at load time, so no instance runs half-understood.
+name the file and line.  Every matrix instance is expanded and compiled
+into its Plan (harness.iotests.plan) at load time, so no instance runs
+half-understood and nothing reads the raw YAML afterwards.
 """
 
 from __future__ import annotations
@@ -21,15 +22,7 @@ import yaml
 
 from . import targets
 from .context import Instance
-from .steps import (
-    CASE_EXPORT_FIELDS,
-    IMAGE_FIELDS,
-    STEPS,
-    FieldError,
-    Fields,
-    check_step,
-    convert_fields,
-)
+from .plan import Plan, PlanError, RawStep, compile_plan
 
 TRANSPORTS = ("legacy", "uring")
 MODES = ("file", "fuse")
@@ -37,6 +30,7 @@ REQUIREMENTS: dict[str, type] = {
     "root": bool,
     "dev-fuse": bool,
     "uring": bool,
+    "kernel-uring": bool,
     "fio": bool,
     "qsd": bool,
     "qemu-io": bool,
@@ -110,13 +104,6 @@ def line_of(obj: Any, key: str | None = None, default: int = 1) -> int:
 
 
 @dataclass
-class Step:
-    name: str
-    arg: Any
-    line: int
-
-
-@dataclass
 class CaseSpec:
     id: str
     path: Path
@@ -135,28 +122,21 @@ class CaseSpec:
     serial: bool = False
     golden: str = "shared"  # or "per-transport"
     targets: list[str] = field(default_factory=list)  # only these targets; [] = any
-    steps: list[Step] = field(default_factory=list)
+    steps: list[RawStep] = field(default_factory=list)  # as written, for references
     module: ModuleType | None = None  # Python cases
+    plans: dict[Instance, Plan] = field(default_factory=dict)  # compiled at load time
 
     @property
     def python(self) -> bool:
         return self.module is not None
 
-    def all_steps(self) -> list[Step]:
-        """Every step the case uses, including those inside cycles."""
-        out = []
-        for s in self.steps:
-            out.append(s)
-            if s.name == "cycles" and isinstance(s.arg, dict):
-                for sub in s.arg.get("steps") or []:
-                    sub = {sub: None} if isinstance(sub, str) else sub
-                    if isinstance(sub, dict) and sub:
-                        name, arg = next(iter(sub.items()))
-                        out.append(Step(str(name), arg, line_of(sub, default=s.line)))
-        return out
+    def plan(self, inst: Instance) -> Plan:
+        """The compiled plan of an instance (on any target)."""
+        return self.plans[inst.on("")]
 
     def step_names(self) -> set[str]:
-        return {s.name for s in self.all_steps()}
+        """Every step any instance uses, including those inside cycles."""
+        return {s.name for plan in self.plans.values() for s in plan.all_steps()}
 
     def instances(self) -> list[Instance]:
         names = list(self.matrix)
@@ -330,10 +310,7 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
                 name, arg = next(iter(raw.items()))
             else:
                 raise c.fail(ln, "a step is one 'name: argument' mapping or a bare name")
-            if name in ("kernel-param", "cycles") and not spec.serial:
-                raise c.fail(ln, f"step '{name}' needs the case to run alone: serial: true")
-            spec.steps.append(Step(str(name), arg, ln))
-        _check_names(c, spec)
+            spec.steps.append(RawStep(str(name), arg, ln))
     # Every matrix value must reach the case, and every $ref must be known.
     used = references([image, export, data.get("steps", [])])
     for name in spec.matrix:
@@ -343,16 +320,25 @@ def build_spec(path: Path, data: Any, guards: str | None, python: bool) -> CaseS
         where = [line_of(data, k) for k in ("image", "export") if ref in references(data.get(k))]
         where += [s.line for s in spec.steps if ref in references(s.arg)]
         raise c.fail(where[0] if where else 1, f"unknown reference ${ref}")
-    # Type-check every instance now, so nothing runs half-understood.
+    # Compile every instance now, so nothing runs half-understood.
     for inst in spec.instances():
         params = dict(inst.params)
-        _check_block(c, image, params, IMAGE_FIELDS, "image")
-        _check_block(c, export, params, CASE_EXPORT_FIELDS, "export")
-        for step in spec.steps:
-            try:
-                check_step(step.name, substitute(step.arg, params), inst)
-            except ValueError as e:
-                raise c.fail(step.line, f"step '{step.name}': {e}") from None
+        raw = (
+            None
+            if python
+            else [RawStep(s.name, substitute(s.arg, params), s.line) for s in spec.steps]
+        )
+        try:
+            spec.plans[inst] = compile_plan(
+                inst,
+                raw,
+                substitute(image, params),
+                substitute(export, params),
+                spec.requires,
+                spec.serial,
+            )
+        except PlanError as e:
+            raise c.fail(e.line, str(e)) from None
     return spec
 
 
@@ -388,30 +374,6 @@ def _matrix(c: _Checker, data: Any) -> tuple[dict[str, list[Any]], list[tuple[An
     return out, None
 
 
-# Steps that define a name, and steps that refer to one.
-_DEFINES = {"hold": "rule", "fail": "rule", "background": "client"}
-_REFERS = {"wait": "client", "wait-held": "rule", "release": "rule"}
-
-
-def _check_names(c: _Checker, spec: CaseSpec) -> None:
-    """Names must be defined before use; export steps need a running export."""
-    defined: dict[str, set[str]] = {"rule": set(), "client": set()}
-    exported = spec.export.get("start", True) is not False or "fuse" not in spec.modes
-    for step in spec.steps:
-        arg = step.arg
-        if step.name in _DEFINES and isinstance(arg, dict) and "name" in arg:
-            defined[_DEFINES[step.name]].add(str(arg["name"]))
-        kind = _REFERS.get(step.name)
-        if step.name == "wait-held" and isinstance(arg, dict):
-            arg = arg.get("name")
-        if kind and arg != "all" and str(arg) not in defined[kind]:
-            raise c.fail(step.line, f"step '{step.name}': no earlier step defines {kind} {arg!r}")
-        if step.name == "start-export":
-            exported = True
-        elif STEPS.get(step.name) and STEPS[step.name].export and not exported:
-            raise c.fail(step.line, f"step '{step.name}' needs an export: export.start is false")
-
-
 def _check_value(c: _Checker, v: Any, line: int, name: str) -> None:
     if isinstance(v, dict | list) or not _VALUE.match(str(v)):
         raise c.fail(line, f"matrix.{name}: {v!r} must be a plain word or number")
@@ -420,16 +382,6 @@ def _check_value(c: _Checker, v: Any, line: int, name: str) -> None:
 def _matrix_line(data: Any, name: str) -> int:
     m = data.get("matrix")
     return line_of(m, name) if isinstance(m, dict) else line_of(data, "matrix")
-
-
-def _check_block(
-    c: _Checker, block: dict[str, Any], params: dict[str, Any], fields: Fields, name: str
-) -> None:
-    """image: or export: for one instance, with the converters steps use."""
-    try:
-        convert_fields(substitute(block, params), fields)
-    except FieldError as e:
-        raise c.fail(line_of(block, e.key), f"{name}: {e}") from None
 
 
 def load_spec(path: Path) -> CaseSpec:

@@ -1,0 +1,236 @@
+"""Steps that do I/O on the target with plain syscalls, and check the image.
+
+They print the way qemu-io does, so one set of filters serves real qemu-io
+runs and ours, and `-file` and `-fuse` instances produce the same transcript.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import time
+from typing import Any
+
+from ...kernel.errnos import errno_name
+from ...kernel.libc import fallocate
+from ...options import choice
+from .session import Session, describe, fill_bytes, page_buffer, timing_line
+from .vocabulary import FALLOC_MODES, falloc_mode, pattern, region_list, size, step, text, texts
+
+
+@step(
+    "write",
+    {"offset": (size, True), "length": (size, True), "pattern": (pattern, False)},
+)
+def _write(s: Session, a: dict[str, Any]) -> None:
+    """pwrite(2) a pattern (default 0xab); print as qemu-io's write."""
+    off, length = a["offset"], a["length"]
+    buf = page_buffer(length)
+    buf[:length] = fill_bytes(a.get("pattern", 0xAB), off, length)
+    fd = s.open(os.O_RDWR, "write")
+    if fd is None:
+        return
+    try:
+        t0 = time.monotonic()
+        n = os.pwrite(fd, memoryview(buf)[:length], off)
+        dt = time.monotonic() - t0
+    except OSError as e:
+        s.log(f"write failed: {describe(e)}")
+        return
+    finally:
+        os.close(fd)
+    s.log(f"wrote {n}/{length} bytes at offset {off}")
+    s.log(timing_line(n, dt))
+
+
+@step(
+    "read",
+    {"offset": (size, True), "length": (size, True), "pattern": (pattern, False)},
+)
+def _read(s: Session, a: dict[str, Any]) -> None:
+    """pread(2) and verify against a pattern if given; print as qemu-io's read."""
+    off, length = a["offset"], a["length"]
+    buf = page_buffer(length)
+    fd = s.open(os.O_RDONLY, "read")
+    if fd is None:
+        return
+    try:
+        t0 = time.monotonic()
+        n = os.preadv(fd, [memoryview(buf)[:length]], off)
+        dt = time.monotonic() - t0
+        data = buf[:n]
+    except OSError as e:
+        s.log(f"read failed: {describe(e)}")
+        return
+    finally:
+        os.close(fd)
+    if "pattern" in a and data != fill_bytes(a["pattern"], off, len(data)):
+        s.log(f"Pattern verification failed at offset {off}, {len(data)} bytes")
+    s.log(f"read {len(data)}/{length} bytes at offset {off}")
+    s.log(timing_line(len(data), dt))
+
+
+@step("disk-usage")
+def _disk_usage(s: Session, _: None) -> None:
+    """Print whether the image's allocated blocks grew since the last disk-usage."""
+    blocks = os.stat(s.image).st_blocks
+    before, s.disk_usage = s.disk_usage, blocks
+    if before is None:
+        s.log("disk usage: recorded")
+    else:
+        s.log(f"disk usage: {'grew' if blocks > before else 'did not grow'}")
+
+
+@step("truncate", scalar=size, metavar="SIZE")
+def _truncate(s: Session, length: int) -> None:
+    """ftruncate(2) the target to a size."""
+    fd = s.open(os.O_RDWR, f"truncate {length}")
+    if fd is None:
+        return
+    try:
+        os.ftruncate(fd, length)
+        s.log(f"truncate {length}: ok")
+    except OSError as e:
+        s.log(f"truncate {length}: {errno_name(e.errno or 0)}")
+    finally:
+        os.close(fd)
+
+
+@step(
+    "fallocate",
+    {"mode": (falloc_mode, False), "offset": (size, True), "length": (size, True)},
+)
+def _fallocate(s: Session, a: dict[str, Any]) -> None:
+    """fallocate(2) with modes keep-size, punch-hole, zero-range (comma-separated)."""
+    mode_s = a.get("mode", "")
+    mode = 0
+    for part in filter(None, mode_s.split(",")):
+        mode |= FALLOC_MODES[part]
+    what = f"fallocate {mode_s or 'default'} {a['offset']}+{a['length']}"
+    fd = s.open(os.O_RDWR, what)
+    if fd is None:
+        return
+    try:
+        fallocate(fd, mode, a["offset"], a["length"])
+        s.log(f"{what}: ok")
+    except OSError as e:
+        s.log(f"{what}: {errno_name(e.errno or 0)}")
+    finally:
+        os.close(fd)
+
+
+WHENCE = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE, "set": os.SEEK_SET, "end": os.SEEK_END}
+
+
+@step("lseek", {"offset": (size, True), "whence": (choice(*WHENCE), True)})
+def _lseek(s: Session, a: dict[str, Any]) -> None:
+    """lseek(2) with SEEK_DATA/SEEK_HOLE/SEEK_SET/SEEK_END; print the result or errno."""
+    fd = s.open(os.O_RDONLY, f"lseek {a['whence']} {a['offset']}")
+    if fd is None:
+        return
+    try:
+        s.log(
+            f"lseek {a['whence']} {a['offset']}: {os.lseek(fd, a['offset'], WHENCE[a['whence']])}"
+        )
+    except OSError as e:
+        s.log(f"lseek {a['whence']} {a['offset']}: {errno_name(e.errno or 0)}")
+    finally:
+        os.close(fd)
+
+
+@step("map")
+def _map(s: Session, _: None) -> None:
+    """Print the data/hole map from SEEK_DATA/SEEK_HOLE, like qemu-img map."""
+    fd = s.open(os.O_RDONLY, "map")
+    if fd is None:
+        return
+    try:
+        end = os.fstat(fd).st_size
+        pos = 0
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno_mod.ENXIO:
+                    raise
+                data = end
+            if data > pos:
+                s.log(f"hole {pos}+{data - pos}")
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            s.log(f"data {data}+{hole - data}")
+            pos = hole
+    finally:
+        os.close(fd)
+
+
+STAT_FIELDS = ("size", "mode", "blocks", "blksize", "nlink")
+
+
+@step(
+    "stat",
+    scalar=lambda v: [choice(*STAT_FIELDS)(f) for f in texts(v)],
+    optional=True,
+    metavar="[FIELD, ...]",
+)
+def _stat(s: Session, fields: list[str] | None) -> None:
+    """stat(2) the target; print the fields asked for (default size)."""
+    try:
+        st = os.stat(s.target)
+    except OSError as e:
+        s.log(f"stat: {errno_name(e.errno or 0)}")
+        return
+    values = {
+        "size": st.st_size,
+        "mode": f"{st.st_mode & 0o7777:04o}",
+        "blocks": st.st_blocks,
+        "blksize": st.st_blksize,
+        "nlink": st.st_nlink,
+    }
+    s.log(" ".join(f"{f}={values[f]}" for f in fields or ["size"]))
+
+
+@step("fsync")
+def _fsync(s: Session, _: None) -> None:
+    """fsync(2) the target."""
+    fd = s.open(os.O_RDWR, "fsync")
+    if fd is None:
+        return
+    try:
+        os.fsync(fd)
+        s.log("fsync: ok")
+    except OSError as e:
+        s.log(f"fsync: {errno_name(e.errno or 0)}")
+    finally:
+        os.close(fd)
+
+
+@step("echo", scalar=text, metavar="TEXT")
+def _echo(s: Session, line: str) -> None:
+    """Print a line (section headers such as '=== Held READ ===')."""
+    s.log(line)
+
+
+@step(
+    "check-image",
+    {"size": (size, True), "regions": (region_list, False)},
+)
+def _check_image(s: Session, a: dict[str, Any]) -> None:
+    """Compare the image file with its initial fill overlaid by regions, at size."""
+    want_size = a["size"]
+    expected = bytearray(fill_bytes(s.fill if s.fill != "sparse" else "zero", 0, want_size))
+    for r in a.get("regions", []):
+        end = min(r["offset"] + r["length"], want_size)
+        if end <= r["offset"]:
+            continue  # wholly past the expected EOF
+        expected[r["offset"] : end] = fill_bytes(r["pattern"], r["offset"], end - r["offset"])
+    data = s.image.read_bytes()
+    if len(data) != want_size:
+        s.log(f"image: size {len(data)}, expected {want_size}")
+        return
+    if data == expected:
+        s.log(f"image: {want_size} bytes as expected")
+        return
+    bad = next(i for i in range(want_size) if data[i] != expected[i])
+    s.log(f"image: differs from offset {bad} (0x{data[bad]:02x}, expected 0x{expected[bad]:02x})")
