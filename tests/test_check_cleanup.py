@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,11 +85,55 @@ def test_timeout_reports_stderr_and_stacks_then_cleans_up(tmp_path: Path) -> Non
     assert "stuck-timeout[legacy]" in out and " fail " in out
     assert "timed out after 2s" in out
     assert "about to block" in out  # the transcript so far
-    assert "exporter stderr (tail):" in out
+    assert "stderr (tail):" not in out  # the exporter said nothing: no empty header
     assert "kernel stacks of exporter" in out
     stack = out.split("case thread, kernel stack:", 1)[1]
     assert "request_wait_answer" in stack  # blocked in the FUSE request path
     assert _mounts_of("stuck-timeout") == []
+
+
+TOOL_STUCK = """\
+# Guards: nothing; a test fixture: dd blocks on a held READ.
+id: {case}
+description: an external tool that never finishes
+groups: [quick]
+timeout: 4
+steps:
+  - hold: {{name: h, op: read}}
+  - dd: if=$TARGET of=/dev/null bs=4k count=1 iflag=direct
+"""
+
+
+@pytest.mark.usefixtures("fuse_root")
+def test_an_overrunning_tool_is_a_bounded_wait_report(tmp_path: Path) -> None:
+    """dd bounded by what is left of the case's budget: killed and reported
+    with its kernel stack before the runner's own timeout, not a harness error."""
+    argv = _suite(tmp_path, [], 0)
+    (tmp_path / "cases" / "tool-stuck.yaml").write_text(TOOL_STUCK.format(case="tool-stuck"))
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    out = res.stdout
+    assert re.search(
+        r"bounded wait: step 'dd' \(line 8\): timed out after 3\.\ds waiting for dd", out
+    )
+    assert "harness error" not in out and "timed out after 4s" not in out
+    stack = out.split("kernel stacks of dd", 1)[1]
+    assert "request_wait_answer" in stack
+    assert _mounts_of("tool-stuck") == []
+
+
+@pytest.mark.usefixtures("fuse_root")
+def test_timeout_scale_multiplies_the_case_timeout(tmp_path: Path) -> None:
+    argv = _suite(tmp_path, "stuck-scaled", 2)
+    res = subprocess.run(
+        [*argv, "--timeout-scale", "1.5"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 1
+    assert "TIMEOUTS     -- case timeouts x1.5 (--timeout-scale)" in res.stdout
+    assert "timed out after 3s" in res.stdout
+    bad = subprocess.run([*argv, "--timeout-scale", "0"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1
+    assert "--timeout-scale: timeout scale '0' must be above 0" in bad.stderr
 
 
 def _interrupt(

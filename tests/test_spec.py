@@ -241,3 +241,110 @@ def test_export_steps_need_a_started_export(tmp_path: Path) -> None:
     assert ":10: step 'signal': needs an export, and none is running here" in msg
     text = text.replace("  - signal: TERM", "  - start-export\n  - signal: TERM")
     assert load_spec(write_case(tmp_path, text)).step_names() >= {"start-export", "signal"}
+
+
+# -- plans: converted once, validated with the state that runs ---------------
+
+
+def test_each_instance_has_a_plan_of_typed_steps(tmp_path: Path) -> None:
+    spec = load_spec(write_case(tmp_path, GOOD))
+    inst = spec.instances()[1]
+    plan = spec.plan(inst)
+    assert plan.settings is not None and plan.settings["growable"] is True
+    assert [s.name for s in plan.steps] == ["write", "read"]
+    assert plan.steps[0].value == {"offset": 0, "length": 4096, "pattern": 0xAB}
+    assert plan.requires == {"root": True, "dev-fuse": True}
+    assert spec.plan(inst.on("qsd")) is plan  # the same plan on any target
+
+
+BACKGROUND = "  - background: {name: b, op: pread, offset: 0, length: 4k}\n"
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # A client is waited for once; a second wait would fail at run time.
+        (BACKGROUND + "  - wait: b\n  - wait: b\n", ":13: step 'wait': client 'b' was waited for"),
+        # ... and a running one cannot be started again under its name.
+        (BACKGROUND + BACKGROUND, ":12: step 'background': client 'b' is still running"),
+        # After cycles no export runs: a step that needs one is refused.
+        ("  - cycles: {count: 1}\n  - signal: TERM\n", ":12: step 'signal': needs an export"),
+        # A client started inside cycles must be waited for there.
+        (
+            "  - cycles: {count: 1, steps: [{background: {name: c, op: stat}}]}\n",
+            ":11: step 'cycles': background client(s) c not waited for",
+        ),
+        ("  - release: nope\n", ":11: step 'release': no earlier step defines rule 'nope'"),
+    ],
+)
+def test_the_validator_tracks_what_runs(tmp_path: Path, steps: str, expected: str) -> None:
+    text = GOOD.replace("groups:", "serial: true\ngroups:").replace(
+        "  - read: {offset: 0, length: 4k, pattern: 0xab}\n", steps
+    )
+    assert expected in error_of(tmp_path, text)
+
+
+def test_a_new_step_is_its_definition_only(tmp_path: Path) -> None:
+    """Registering a step is all it takes: the validator, the requirement
+    check and the README table read its metadata."""
+    from harness.iotests.steps import STEPS, step, step_reference
+
+    @step("x-probe", scalar=int, metavar="N", export=True, tools=("fio",), serial=True)
+    def _probe(s: object, n: int) -> None:
+        """A step defined by a test."""
+
+    try:
+        text = GOOD.replace("  - read:", "  - x-probe: 3\n  - read:")
+        assert "step 'x-probe' needs the case to run alone" in error_of(tmp_path, text)
+        spec = load_spec(write_case(tmp_path, text.replace("groups:", "serial: true\ngroups:")))
+        assert spec.plan(spec.instances()[0]).requires["fio"] is True
+        row = (
+            "| `x-probe` | `N` | A step defined by a test. | export; serial cases only; runs fio |"
+        )
+        assert row in step_reference()
+    finally:
+        del STEPS["x-probe"]
+
+
+# -- syntax errors and duplicate ids -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        # An unclosed flow list: the line that opened it, not where parsing gave up.
+        ("groups: [quick, rw]", "groups: [quick, rw", ":4: YAML: a flow sequence opened here"),
+        ("description: a demo case", 'description: "a demo case', ":3: YAML: a quoted scalar"),
+        ("  - read: {", "   - read: {", ":10: YAML: expected <block end>"),
+    ],
+)
+def test_yaml_syntax_errors_point_at_the_right_line(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    assert expected in error_of(tmp_path, GOOD.replace(old, new))
+
+
+def test_python_errors_point_at_the_right_line(tmp_path: Path) -> None:
+    case = tmp_path / "pycase.py"
+    case.write_text('"""A case."""\n# Guards: x\nSPEC = {\n    "id": "pycase",\n  x =\n}\n')
+    assert error_of_path(case) == f"{case}:5: Python: ':' expected after dictionary key"
+    case.write_text('"""A case."""\n# Guards: x\n\nSPEC = {}\nraise RuntimeError("boom")\n')
+    assert error_of_path(case) == f"{case}:5: import failed: RuntimeError: boom"
+
+
+def test_two_files_with_one_case_id_are_both_refused(tmp_path: Path) -> None:
+    write_case(tmp_path, GOOD)
+    twin = tmp_path / "demo.py"
+    twin.write_text('"""A case."""\n# Guards: x\nSPEC = {}\n')
+    specs, errors = load_all(tmp_path)
+    assert specs == []
+    assert errors == [
+        f"{twin}:1: case id 'demo' is also the id of {tmp_path / 'demo.yaml'}",
+        f"{tmp_path / 'demo.yaml'}:1: case id 'demo' is also the id of {twin}",
+    ]
+
+
+def error_of_path(path: Path) -> str:
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    return str(e.value)

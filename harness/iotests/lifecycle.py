@@ -145,10 +145,10 @@ class ExporterProcess:
     def report(self) -> str:
         """What a timed-out wait shows: stderr tail and kernel stacks."""
         tail = "\n".join(self.stderr().splitlines()[-20:])
-        out = f"exporter stderr (tail):\n{tail}"
+        out = [f"exporter {self.workdir.name} stderr (tail):\n{tail}" if tail.strip() else ""]
         if self.proc is not None and self.returncode() is None:
-            out += f"\nkernel stacks of exporter {self.pid}:\n{kernel_stacks(self.pid)}"
-        return out
+            out.append(f"kernel stacks of exporter {self.pid}:\n{kernel_stacks(self.pid)}")
+        return "\n".join(o for o in out if o)
 
     # -- control socket ---------------------------------------------------
 

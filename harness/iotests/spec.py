@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import re
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,6 +387,11 @@ def _matrix_line(data: Any, name: str) -> int:
 
 def load_spec(path: Path) -> CaseSpec:
     """Load one case file; raise SpecError with 'FILE:LINE: message'."""
+    # A case's id is its file name, so two files with one stem share an id:
+    # both are refused, each naming the other (instances are known by id).
+    twins = [t for t in case_files(path.parent) if t.stem == path.stem and t != path]
+    if twins:
+        raise SpecError(f"{path}:1: case id '{path.stem}' is also the id of {twins[0]}")
     try:
         text = path.read_text()
     except OSError as e:
@@ -403,10 +409,26 @@ def load_spec(path: Path) -> CaseSpec:
     except SpecError as e:
         raise SpecError(f"{path}:{e}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise SpecError(f"{path}:{line}: YAML: {getattr(e, 'problem', e)}") from None
+        raise SpecError(_yaml_error(path, e)) from None
     return build_spec(path, data, _guards_comment(text), python=False)
+
+
+# Constructs left open: the error shows where one was opened, not where
+# the parser gave up (often the next line, or the end of the file).
+_OPENED = ("while scanning a quoted scalar", "while parsing a flow", "while scanning a simple key")
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e)
+    mark = getattr(e, "problem_mark", None)
+    context = getattr(e, "context", None) or ""
+    cmark = getattr(e, "context_mark", None)
+    line = mark.line + 1 if mark else 1
+    if cmark is not None and context.startswith(_OPENED):
+        what = context.removeprefix("while scanning ").removeprefix("while parsing ")
+        where = f"{path}:{cmark.line + 1}"
+        return f"{where}: YAML: {what} opened here is not closed ({problem}, line {line})"
+    return f"{path}:{line}: YAML: {problem}"
 
 
 def _import_case(path: Path) -> ModuleType:
@@ -417,8 +439,12 @@ def _import_case(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise SpecError(f"{path}:{e.lineno or 1}: Python: {e.msg}") from None
     except Exception as e:
-        raise SpecError(f"{path}:1: import failed: {type(e).__name__}: {e}") from None
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+        line = frames[-1].lineno if frames else 1
+        raise SpecError(f"{path}:{line}: import failed: {type(e).__name__}: {e}") from None
     return module
 
 
