@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,36 @@ CASES = {
         "'{dir}' is not a regular file",
     ),
     "no-mountpoint": (["--image", "{img}"], "the following arguments are required: --mountpoint"),
+    # Limits are checked before anything is mounted, naming the option.
+    "too-many-queues": (
+        ["--image", "{img}", "--mountpoint", "{mp}", "--queues", "100000"],
+        "--queues 100000: at most 256 queue threads",
+    ),
+    "ring-deeper-than-io-uring": (
+        ["--image", "{img}", "--mountpoint", "{mp}", "--io-uring", "on", "--ring-depth", "100000"],
+        "--ring-depth 100000: a queue thread would own",
+    ),
+    "ring-bigger-than-memory": (
+        [
+            "--image",
+            "{img}",
+            "--mountpoint",
+            "{mp}",
+            "--io-uring",
+            "on",
+            "--queues",
+            "64",
+            "--ring-depth",
+            "30000",
+            "--max-write",
+            "1M",
+        ],
+        "--ring-depth 30000: the ring buffers would take",
+    ),
+    "max-write-too-big": (
+        ["--image", "{img}", "--mountpoint", "{mp}", "--max-write", "2M"],
+        "--max-write must be a multiple of 4 KiB between 4 KiB and 1 MiB",
+    ),
     "pidfile-dir-missing": (
         ["--image", "{img}", "--mountpoint", "{mp}", "--pidfile", "{tmp}/x/pid"],
         "Cannot write pidfile '{tmp}/x/pid'",
@@ -76,24 +109,78 @@ CASES = {
 }
 
 
+class MountWatcher:
+    """Every mount seen under a directory while it runs.  The kernel wakes
+    it on each mount table change (POLLPRI on /proc/self/mountinfo), so a
+    mount that lives for a moment is seen, not only what is left at the end."""
+
+    def __init__(self, under: Path) -> None:
+        self.under = f" {under}/"
+        self.seen: set[str] = set()
+        self.changes = 0
+        self._stop = threading.Event()
+        self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _scan(self) -> None:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = iter(lambda: os.read(self._fd, 1 << 16), b"")
+        for line in b"".join(chunks).decode().splitlines():
+            if self.under in line:
+                self.seen.add(line.split()[4])
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLPRI | select.POLLERR)
+        while not self._stop.is_set():
+            if poller.poll(20):
+                self.changes += 1
+            self._scan()
+
+    def __enter__(self) -> MountWatcher:
+        self._scan()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._scan()
+        os.close(self._fd)
+
+
+@pytest.fixture
+def watcher(files: dict[str, Path]) -> Iterator[MountWatcher]:
+    with MountWatcher(files["tmp"]) as w:
+        yield w
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input(files: dict[str, Path], case: str) -> None:
+def test_bad_input(files: dict[str, Path], watcher: MountWatcher, case: str) -> None:
     args, message = CASES[case]
     subst = {k: str(v) for k, v in files.items()}
     before = fingerprint(files["img"])
     extra = [] if case == "growable-read-only" else ["--writable"]
     res = run_exporter(*(a.format(**subst) for a in args), *extra)
-    assert_refused(res, message.format(**subst), files, before)
+    assert_refused(res, message.format(**subst), files, before, watcher)
 
 
-def assert_refused(res, message, files, before):  # type: ignore[no-untyped-def]
+def assert_refused(res, message, files, before, watcher):  # type: ignore[no-untyped-def]
     assert res.returncode == 1, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1, res.stderr
     assert message in lines[0]
     for p in (files["mp"], files["dir"]):
         assert find_mount(str(p)) is None
+    assert watcher.seen == set(), f"mounted for a moment: {watcher.seen}"
     assert fingerprint(files["img"]) == before
+
+
+def test_the_watcher_sees_a_mount_that_comes_and_goes(files: dict[str, Path], exports) -> None:  # type: ignore[no-untyped-def]
+    """The watcher itself: an export started and removed while it runs is seen."""
+    with MountWatcher(files["tmp"]) as w:
+        exports.start(mountpoint=files["mp"]).cleanup()
+    assert w.seen == {str(files["mp"])}
 
 
 @pytest.mark.usefixtures("fuse_root")
@@ -102,8 +189,11 @@ def test_unreadable_image(files: dict[str, Path]) -> None:
     files["img"].chmod(0o600)
     os.chmod(files["tmp"], 0o755)
     before = fingerprint(files["img"])
-    res = run_exporter("--image", str(files["img"]), "--mountpoint", str(files["mp"]), user="65534")
-    assert_refused(res, f"Could not open '{files['img']}': Permission denied", files, before)
+    with MountWatcher(files["tmp"]) as w:
+        res = run_exporter(
+            "--image", str(files["img"]), "--mountpoint", str(files["mp"]), user="65534"
+        )
+    assert_refused(res, f"Could not open '{files['img']}': Permission denied", files, before, w)
 
 
 def test_mountpoint_already_exported(exports) -> None:  # type: ignore[no-untyped-def]

@@ -151,7 +151,10 @@ class Export:
             self._validate_rings()
 
     def _validate_rings(self) -> None:
-        """What the rings will take, checked before anything is mounted."""
+        """What the rings will take, checked before anything is mounted.
+        RLIMIT_MEMLOCK is no limit here: since Linux 5.12 ring memory is
+        charged to the memory cgroup (an export runs with memlock=0), and the
+        payload buffers are plain anonymous memory, so MemAvailable is."""
         o = self.opts
         ring_queues = possible_cpus()
         busiest = max(len(ring_queues_of(i, o.queues, ring_queues)) for i in range(o.queues))
