@@ -159,3 +159,38 @@ def test_harness_fds_do_not_grow_over_cycles(exports, transport):
         counts.append(len(os.listdir("/proc/self/fd")))
     # The first cycle may create lasting lazily-made fds (an event loop).
     assert counts[-1] <= counts[1], counts
+
+
+def test_cleanup_while_another_thread_is_in_qmp(exports):  # type: ignore[no-untyped-def]
+    """Regression: closing the QMP client from a cleanup thread while the
+    case thread waited in it left 'coroutine wait_for was never awaited'.
+    The case thread is in pull_event (holding the client) before cleanup
+    starts; cleanup stops the exporter first, then closes the client once
+    that call has returned."""
+    import threading
+    import warnings
+
+    exp = exports.start(writable=True)
+    inside = threading.Event()
+    outcome: list[object] = []
+
+    def case_thread() -> None:
+        with exp._qmp_lock:  # the position pull_event holds it in
+            inside.set()
+            try:
+                outcome.append(exp._client().pull_event(wait=2.0))
+            except Exception as e:  # the exporter went away under it
+                outcome.append(type(e).__name__)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = threading.Thread(target=case_thread)
+        t.start()
+        assert inside.wait(10)
+        removed = exp.cleanup()
+        t.join(10)
+        gc.collect()  # a coroutine never awaited is reported when collected
+    assert not t.is_alive() and len(outcome) == 1
+    assert f"exporter pid {exp.pid}" in removed
+    assert exp._qmp is None
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []

@@ -92,7 +92,7 @@ def test_one_client_drives_both(exports, name):
     common = {k: info[k] for k in ("type", "id", "node-name", "shutting-down")}
     assert common == {"type": "fuse", "id": "e0", "node-name": "n0", "shutting-down": False}
     assert exp.cmd("block-export-del", id="e0") == {}
-    event = exp.qmp().pull_event(wait=10)
+    event = exp.pull_event(wait=10)
     assert (event["event"], event["data"]) == ("BLOCK_EXPORT_DELETED", {"id": "e0"})
     exp.wait_unmounted()
     if name == "qsd":

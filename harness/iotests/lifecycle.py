@@ -16,6 +16,7 @@ type "fuse", so "new on our mountpoint since we started" is what makes one ours.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,6 +64,7 @@ class ExporterProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.mount_id: int | None = None
         self._qmp: Any = None
+        self._qmp_lock = threading.Lock()
         self._cleaned = False
         # spawn() and cleanup() exclude each other: a cleanup from another
         # thread (Ctrl-C, a timeout) must see the process spawn() started.
@@ -118,7 +120,7 @@ class ExporterProcess:
         self.wait_ready(timeout)
         try:
             self.configure()
-            self.qmp()  # connected from the start: no event is missed
+            self.connect_qmp()  # connected from the start: no event is missed
         except BaseException:
             self.cleanup()  # a daemon that refused the export must not linger
             raise
@@ -152,7 +154,11 @@ class ExporterProcess:
 
     # -- control socket ---------------------------------------------------
 
-    def qmp(self) -> Any:
+    # The legacy client runs an event loop of its own: one caller at a time
+    # (a close from a cleanup thread while the case thread is in a command
+    # would leave a coroutine never awaited), hence _qmp_lock around each use.
+
+    def _client(self) -> Any:
         if self._qmp is None:
             from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -162,8 +168,23 @@ class ExporterProcess:
             self._qmp = q
         return self._qmp
 
+    def connect_qmp(self) -> None:
+        with self._qmp_lock:
+            self._client()
+
+    def cmd_raw(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole response: {"return": ...} or {"error": ...}."""
+        with self._qmp_lock:
+            return dict(self._client().cmd_raw(name, args))
+
     def cmd(self, name: str, **args: Any) -> Any:
-        return self.qmp().cmd(name, **args)
+        with self._qmp_lock:
+            return self._client().cmd(name, **args)
+
+    def pull_event(self, wait: bool | float = False) -> dict[str, Any] | None:
+        with self._qmp_lock:
+            event: dict[str, Any] | None = self._client().pull_event(wait=wait)
+            return event
 
     def query(self) -> dict[str, Any]:
         exports: list[dict[str, Any]] = self.cmd("query-block-exports")
@@ -188,12 +209,17 @@ class ExporterProcess:
         wait_until(held, timeout or scaled(STOP_TIMEOUT), what, self.report)
 
     def close_qmp(self) -> None:
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except Exception:
-                pass
-            self._qmp = None
+        """Close the client, once no command is in progress: a cleanup stops
+        the process first, which ends a command waiting for it."""
+        if not self._qmp_lock.acquire(timeout=scaled(STOP_TIMEOUT)):
+            raise RuntimeError("the QMP client is still busy in another thread")
+        try:
+            if self._qmp is not None:
+                q, self._qmp = self._qmp, None
+                with contextlib.suppress(Exception):  # EOFError: the server hung up first
+                    q.close()
+        finally:
+            self._qmp_lock.release()
 
     # -- stopping ---------------------------------------------------------
 
@@ -237,8 +263,8 @@ class ExporterProcess:
             self._cleaned = True
         outcome = run_all(
             [
-                ("close QMP", self.close_qmp),
                 ("stop the process", self._kill),
+                ("close QMP", self.close_qmp),
                 ("remove the mount", self._unmount),
             ]
         )

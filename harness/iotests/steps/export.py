@@ -46,7 +46,7 @@ def _wait_exit(s: Session, _: None) -> None:
 @step("qmp", {"execute": (text, True), "arguments": (mapping, False)}, export=True)
 def _qmp(s: Session, a: dict[str, Any]) -> None:
     """Send a command on the control socket; print the response as iotests does."""
-    resp = s.need_exporter().qmp().cmd_raw(a["execute"], a.get("arguments"))
+    resp = s.need_exporter().cmd_raw(a["execute"], a.get("arguments"))
     resp.pop("id", None)
     s.log(json.dumps(resp, sort_keys=True))
 
@@ -54,11 +54,11 @@ def _qmp(s: Session, a: dict[str, Any]) -> None:
 @step("qmp-event", scalar=text, export=True, metavar="EVENT")
 def _qmp_event(s: Session, name: str) -> None:
     """Wait (bounded) for a QMP event; print it without its timestamp, or that none came."""
-    qmp = s.need_exporter().qmp()
+    exp = s.need_exporter()
     seen: list[str] = []
 
     def arrived() -> dict[str, Any] | None:
-        event = qmp.pull_event(wait=False)
+        event = exp.pull_event(wait=False)
         if event is not None and event["event"] != name:
             seen.append(event["event"])
             return None

@@ -69,12 +69,12 @@ class QsdExporter(ExporterProcess):
         export = export_arguments(s, self.mountpoint)
         for t in export.get("iothread", []):
             self._setup("object-add", {"qom-type": "iothread", "id": t})
-        resp = self.qmp().cmd_raw("block-export-add", export)
+        resp = self.cmd_raw("block-export-add", export)
         if "error" in resp:
             raise ExportFailed(resp["error"]["desc"])
 
     def _setup(self, command: str, args: dict[str, Any]) -> None:
-        resp = self.qmp().cmd_raw(command, args)
+        resp = self.cmd_raw(command, args)
         if "error" in resp:
             raise RuntimeError(f"{command}: {resp['error']['desc']}")
 
