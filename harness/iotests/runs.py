@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kernel.mount import mount_table, umount_or_detach
+from .cleanup import run_all
 from .waiting import WaitTimeout, kernel_stacks
 
 # FUSE_IOTESTS_STATE_DIR: a private registry (the harness's own tests use one).
@@ -282,41 +283,54 @@ def _wait(condition: Any, what: str) -> None:
 
 
 def _reap(state: RunState) -> tuple[list[str], list[str]]:
-    """Remove what one dead run left; (removed, still there)."""
-    removed: list[str] = []
+    """Remove what one dead run left; (removed, still there).  Each part runs
+    whatever the others did (cleanup.run_all); what is left is looked at,
+    not assumed."""
     procs = _cgroup_pids(state.cgroup) if state.cgroup else []
     procs += [p for p in state.pids if _alive(p)]
-    if state.cgroup and procs:
-        with contextlib.suppress(OSError):
+
+    def kill() -> list[str]:
+        if state.cgroup and procs:
             Path(state.cgroup, "cgroup.kill").write_text("1")
-    for p in state.pids:
-        with contextlib.suppress(OSError):
-            os.kill(p, signal.SIGKILL)
-    with contextlib.suppress(TimeoutError):
+        for p in state.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
         _wait(lambda: not any(_alive(p) for p in procs), "killed processes to exit")
-    removed += [f"process {p}" for p in procs if not _alive(p)]
-    for mp in _our_mounts(state):
+        return [f"process {p}" for p in procs]
+
+    def unmount(mp: str) -> list[str]:
         try:
             umount_or_detach(mp)
-            removed.append(f"FUSE mount {mp}")
         except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOENT):
-                raise
-    if state.cgroup:
-        with contextlib.suppress(TimeoutError):  # EBUSY until the kernel has
-            _wait(lambda: _rmdir(state.cgroup), "the cgroup to empty")  # let go of them
-    for d in state.dirs:
-        if os.path.isdir(d) and not any(
+            if e.errno in (errno.EINVAL, errno.ENOENT):
+                return []  # gone already
+            raise
+        return [f"FUSE mount {mp}"]
+
+    def rmdir_cgroup() -> None:
+        # EBUSY until the kernel has let go of the killed processes.
+        _wait(lambda: _rmdir(state.cgroup), "the cgroup to empty")
+
+    def remove_dir(d: str) -> list[str]:
+        if not os.path.isdir(d) or any(
             m.startswith(d.rstrip("/") + "/") for m in _our_mounts(state)
         ):
-            shutil.rmtree(d, ignore_errors=True)
-            if not os.path.exists(d):
-                removed.append(f"directory {d}")
+            return []
+        shutil.rmtree(d)
+        return [f"directory {d}"]
+
+    actions: list[tuple[str, Callable[[], Any]]] = [("kill the processes", kill)]
+    actions += [(f"unmount {mp}", lambda mp=mp: unmount(mp)) for mp in _our_mounts(state)]
+    if state.cgroup:
+        actions.append((f"remove cgroup {state.cgroup}", rmdir_cgroup))
+    actions += [(f"remove {d}", lambda d=d: remove_dir(d)) for d in state.dirs]
+    outcome = run_all(actions)
     left = _leftovers(state)
     left += [f"directory {d}" for d in state.dirs if os.path.exists(d)]
     if state.cgroup and os.path.isdir(state.cgroup):
         left.append(f"cgroup {state.cgroup}")
-    return removed, left
+    removed = [r for r in outcome.removed if r not in left]
+    return removed, left + [f"({f})" for f in outcome.failed]
 
 
 def _stale_states() -> Iterator[tuple[Path, RunState]]:
