@@ -97,7 +97,7 @@ TOOL_STUCK = """\
 id: {case}
 description: an external tool that never finishes
 groups: [quick]
-timeout: 4
+timeout: 6
 steps:
   - hold: {{name: h, op: read}}
   - dd: if=$TARGET of=/dev/null bs=4k count=1 iflag=direct
@@ -113,10 +113,11 @@ def test_an_overrunning_tool_is_a_bounded_wait_report(tmp_path: Path) -> None:
     res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     out = res.stdout
-    assert re.search(
-        r"bounded wait: step 'dd' \(line 8\): timed out after 3\.\ds waiting for dd", out
-    )
-    assert "harness error" not in out and "timed out after 4s" not in out
+    # The bound is what the 6 s budget has left after the exporter started,
+    # less its 1.2 s margin: under load, anything from 1 s to 4.8 s.
+    found = re.search(r"bounded wait: step 'dd' \(line 8\): timed out after ([0-9.]+)s", out)
+    assert found and 1.0 <= float(found.group(1)) <= 4.8, out
+    assert "harness error" not in out and "timed out after 6s" not in out
     stack = out.split("kernel stacks of dd", 1)[1]
     assert "request_wait_answer" in stack
     assert _mounts_of("tool-stuck") == []

@@ -42,7 +42,11 @@ from .cleanup import run_all
 from .waiting import WaitTimeout, kernel_stacks
 
 # FUSE_IOTESTS_STATE_DIR: a private registry (the harness's own tests use one).
-STATE_DIR = Path(os.environ.get("FUSE_IOTESTS_STATE_DIR", "/run/fuse-iotests/runs"))
+# Another user (who can only run the pure tests) keeps a registry of its own.
+_DEFAULT_STATE = (
+    "/run/fuse-iotests/runs" if os.geteuid() == 0 else f"/tmp/fuse-iotests-{os.geteuid()}/runs"
+)
+STATE_DIR = Path(os.environ.get("FUSE_IOTESTS_STATE_DIR", _DEFAULT_STATE))
 CGROUP_PREFIX = "fuse-iotests-run-"
 REAP_TIMEOUT = 10.0
 PR_SET_PDEATHSIG = 1
