@@ -188,11 +188,7 @@ def _local(spec: str) -> Kernel:
         return Kernel(str(image), image)
     modules = Path(modules_s).expanduser().resolve()
     release = modules.name
-    if (
-        not modules.is_dir()
-        or not (modules / "modules.order").exists()
-        and not any(modules.glob("kernel"))
-    ):
+    if not modules.is_dir() or not any(modules.glob("modules.*")):
         raise KernelError(f"--kernel {spec}: {modules} is not a lib/modules/<release> directory")
     # virtme-ng finds modules beside the image: <root>/boot/vmlinuz-R and <root>/lib/modules/R.
     root = CACHE / "local" / re.sub(r"[^A-Za-z0-9.+-]", "_", f"{image}-{release}")
