@@ -78,12 +78,16 @@ def _start_client(s: Session, p: Probe) -> Client:
 
 
 def _finish_client(s: Session, p: Probe, c: Client) -> None:
-    """Serve until the client has exited and its file was released; log both."""
+    """Serve until the client has exited and its file was released; log both,
+    and any ring command the kernel refused meanwhile."""
     p.serve(lambda: c.done() and any(s.op == "RELEASE" for s in p.served), "client and RELEASE")
     served = p.take_served()
     ops = " ".join(s.op + (f"={s.error}" if s.error else "") for s in served)
     s.log(f"client: {c.result()}")
     s.log(f"served on {_where(served)}: {ops}")
+    refused = sorted({f"{r.cmd} {r.result}" for r in p.take_refused()})
+    if refused:
+        s.log(f"refused meanwhile: {', '.join(refused)}")
 
 
 def _pread(s: Session, p: Probe) -> None:
@@ -91,9 +95,13 @@ def _pread(s: Session, p: Probe) -> None:
 
 
 def _accepted(s: Session, p: Probe, what: str) -> None:
-    """A REGISTER is pending (its CQE only comes with a request): no CQE for a short bound."""
-    quiet = p.stays_false(p.ring_pending, f"a CQE after {what}")
-    s.log(f"{what}: {'no CQE within 0.3 s (accepted)' if quiet else 'completed at once'}")
+    """A REGISTER is pending (its CQE only comes with a request): no CQE for a
+    short bound.  A kernel that answers at once is shown with its answer."""
+    answers = sorted({c.result for c in p.drain()})
+    if answers:
+        s.log(f"{what}: answered at once: {', '.join(answers)}")
+    else:
+        s.log(f"{what}: no CQE within 0.3 s (accepted)")
 
 
 def _register_all(s: Session, p: Probe) -> None:

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 
 from ..cli import OneLineParser
-from ..kernel.params import read_enable_uring, restore_enable_uring
+from ..kernel.params import ensure_uring, read_enable_uring, restore_enable_uring, uring_in_kernel
 from . import known, targets, timeouts
 from .context import Instance
 from .diff import diff_targets
@@ -81,6 +81,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run each instance on targets A and B and compare their transcripts",
     )
     p.add_argument(
+        "--kernel",
+        metavar="K",
+        help="run in a VM booted with kernel K: a Debian series (6.1, 7.3), a package "
+        "version, a kernel tree, or BZIMAGE:MODULES_DIR",
+    )
+    p.add_argument("--kernels", metavar="K1,K2", help="one VM run per kernel, then a matrix")
+    p.add_argument(
+        "--repro",
+        metavar="INSTANCE",
+        help="write a script that runs just INSTANCE (with --kernel: in that VM) and exits "
+        "0/1/125 as git bisect run wants; prints its path",
+    )
+    p.add_argument(
+        "--accel",
+        choices=("auto", "kvm", "tcg"),
+        default="auto",
+        help="VM acceleration (auto: try KVM with a bounded boot, else TCG)",
+    )
+    p.add_argument(
         "--cleanup",
         action="store_true",
         help="only remove what dead runs left (processes, mounts, directories)",
@@ -99,11 +118,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     if ns.jobs < 1:
         p.error("-j must be at least 1")
+    # Given on the command line or in the environment (not the default):
+    # a VM run measures its own otherwise.
+    ns.scale_given = timeouts.SCALE_ENV in os.environ or any(
+        a.startswith("--timeout-scale") for a in (argv if argv is not None else sys.argv[1:])
+    )
     try:
         ns.timeout_scale = timeouts.parse_scale(ns.timeout_scale)
     except timeouts.BadScale as e:
         p.error(f"--timeout-scale: {e}")
     ns.mode = ns.mode or "fuse"
+    if ns.kernel and ns.kernels:
+        p.error("--kernel and --kernels do not go together")
+    if ns.repro and (ns.kernels or ns.names or ns.diff_targets):
+        p.error("--repro takes one instance (and at most one --kernel)")
+    if ns.kernels is not None and not all(ns.kernels.split(",")):
+        p.error("--kernels takes kernels separated by commas: 6.1,7.3")
     if ns.diff_targets is not None:
         pair = ns.diff_targets.split(",")
         if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
@@ -212,6 +242,16 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
         for e in errors:
             print(f"check: {e}", file=sys.stderr)
         return 1
+    if ns.repro:
+        return _repro(ns, specs)
+    if ns.kernel or ns.kernels:
+        from .vm.matrix import check_on_kernels
+
+        given = argv if argv is not None else sys.argv[1:]
+        scale = ns.timeout_scale if ns.scale_given else None
+        kernels = [ns.kernel] if ns.kernel else ns.kernels.split(",")
+        results = Path(ns.results) if ns.results else None
+        return check_on_kernels(kernels, given, ns.accel, scale, results)
     names = ns.diff_targets.split(",") if ns.diff_targets else [ns.target]
     try:
         chosen_targets = [targets.resolve(n, ns.qsd) for n in names]
@@ -246,6 +286,10 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     # Instance directories live in /tmp: a UNIX socket path must stay short.
     scratch = Path(tempfile.mkdtemp(prefix="fuse-iotests."))
     RUN.add_dir(scratch)
+    # The kernel offers OVER_IO_URING only while enable_uring is Y: probe it
+    # as the io_uring instances will see it (put back at the end of the run).
+    if uring_in_kernel():
+        ensure_uring()
     fp = collect(chosen_targets)
     for line in format_lines(fp):
         print(line)
@@ -274,6 +318,26 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
     if ns.diff_targets:
         return diff_targets(done[0], done[1], chosen_targets, sys.stdout) or status
     return status
+
+
+def _repro(ns: argparse.Namespace, specs: list[CaseSpec]) -> int:
+    """Write the bisect script for one instance; its path is the last line."""
+    from .repro import write_script
+
+    target = targets.resolve(ns.target, ns.qsd)
+    found = [
+        inst.on(target.tag)
+        for spec in specs
+        for inst in spec.instances()
+        if inst.on(target.tag).id == ns.repro
+    ]
+    if not found:
+        print(
+            f"check: --repro: no instance {ns.repro!r} (tools/check -n lists them)", file=sys.stderr
+        )
+        return 1
+    print(write_script(found[0], ns.target, ns.kernel, ns.accel))
+    return 0
 
 
 def _run_all(

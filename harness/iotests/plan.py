@@ -124,13 +124,13 @@ def compile_plan(
     if instance.mode == "fuse":
         req.setdefault("root", True)
         req.setdefault("dev-fuse", True)
-    if instance.transport == "uring":
-        req["uring"] = True
+    if instance.transport == "uring" and settings is None:
+        req["uring"] = True  # a Python case on the uring transport uses the ring itself
     steps: tuple[PlannedStep, ...] = ()
     if raw_steps is not None:
         state = _State(exported=instance.mode == "fuse" and start)
         steps = tuple(_compile(r, instance, serial, state, req, in_cycles=False) for r in raw_steps)
-    return Plan(
+    plan = Plan(
         instance,
         steps,
         img.get("size", DEFAULT_IMAGE_SIZE),
@@ -139,6 +139,15 @@ def compile_plan(
         start,
         req,
     )
+    # Per instance, from what its exports ask for: io-uring on needs the
+    # ring; auto takes it where the kernel has it and falls back where not
+    # (the path to test there); off needs /dev/fuse only.
+    modes = {s["io-uring"] for s in plan.export_settings()}
+    if "on" in modes:
+        req["uring"] = True
+    elif "auto" in modes:
+        req.setdefault("uring-if-available", True)
+    return plan
 
 
 def _block(block: dict[str, Any], fields: Any, name: str) -> dict[str, Any]:

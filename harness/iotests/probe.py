@@ -229,6 +229,7 @@ class Probe:
         self.rings: list[ProbeRing] = []
         self.clients: list[Client] = []
         self.served: list[Served] = []
+        self.refused: list[Completion] = []  # failed CQEs met while serving
         self._lock = threading.RLock()
         self._closed = False
         self._buf = bytearray(_READ_BUF)
@@ -442,6 +443,9 @@ class Probe:
         c = r.take()
         if c is None:
             return False
+        if c.res != 0:  # a refused command: what the kernel answered, for the transcript
+            self.refused.append(c)
+            return True
         self.load(c)
         self.prepare_reply(c.entry)
         r.commit(c.entry)
@@ -463,6 +467,23 @@ class Probe:
     def take_served(self) -> list[Served]:
         done, self.served = self.served, []
         return done
+
+    def take_refused(self) -> list[Completion]:
+        done, self.refused = self.refused, []
+        return done
+
+    def drain(self) -> list[Completion]:
+        """The CQEs there now or arriving within the quiet bound."""
+        out: list[Completion] = []
+
+        def collect() -> bool:
+            for r in self.rings:
+                while (c := r.take()) is not None:
+                    out.append(c)
+            return False  # collect for the whole bound
+
+        self.stays_false(collect, "CQEs")
+        return out
 
     # -- clients -------------------------------------------------------------
 

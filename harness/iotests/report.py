@@ -28,6 +28,7 @@ def _result_dict(r: Result) -> dict[str, Any]:
         "golden": r.golden,
         "bad": r.bad,
         "diff": r.diff,
+        "output": r.output,  # the filtered transcript: runs can be compared
     }
 
 

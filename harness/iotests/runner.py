@@ -137,6 +137,8 @@ def missing_requirement(spec: CaseSpec, inst: Instance, target: Target) -> str |
         return NO_URING
     if req.get("uring"):
         return ensure_uring()
+    if req.get("uring-if-available") and uring_in_kernel():
+        return ensure_uring()  # where the kernel has it, io-uring auto must get it
     return None
 
 

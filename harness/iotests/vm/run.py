@@ -1,0 +1,177 @@
+"""tools/check --kernel: the same run, inside a VM booted with another kernel.
+
+virtme-ng boots the kernel with the host's root file system shared
+read-only over 9p and this repository writable, so the guest runs the
+project's own venv and writes its results straight into results/ here.
+Its lines stream out live; the host adds the boot time and the total time
+(vm.json beside the guest's report.json).  The VM is an adopted child of
+this run (its cgroup, a parent-death signal, its own process group), so
+Ctrl-C, SIGTERM or a SIGKILL of tools/check leaves no QEMU behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from .. import runs
+from ..lifecycle import REPO, child_env
+from ..timeouts import scaled
+from .guest import MARKER, import_time
+from .kernels import CACHE, Kernel
+
+VNG = REPO / ".venv" / "bin" / "vng"
+ACCELS = ("auto", "kvm", "tcg")
+KVM_PROBE = 60.0  # a boot that works takes ~10 s; a paravirtual KVM hangs (scaled)
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class VmError(RuntimeError):
+    """The VM could not be run at all; str() is one line."""
+
+
+@dataclass
+class VmRun:
+    """What one VM run did, as vm.json keeps it."""
+
+    kernel: str
+    image: str
+    release: str
+    accel: str
+    command: list[str]
+    booted: bool = False
+    boot_s: float | None = None  # start -> the guest's first line
+    total_s: float = 0.0
+    exit_code: int | None = None
+    guest_release: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def vng_argv(kernel: Kernel, accel: str, command: str, rwdirs: list[Path]) -> list[str]:
+    argv = [str(VNG), "--force-9p", "-r", str(kernel.boot), "--cpus", "2", "--memory", "2G"]
+    for d in rwdirs:
+        argv += ["--rwdir", str(d)]
+    if accel == "tcg":
+        argv.append("--disable-kvm")
+    return [*argv, "--append", f"PATH={GUEST_PATH}", "--exec", command]
+
+
+def _vng_env() -> dict[str, str]:
+    # vng runs virtme-run from PATH; the venv's bin must come first.
+    return {**child_env(), "PATH": f"{VNG.parent}:{os.environ.get('PATH', GUEST_PATH)}"}
+
+
+def choose_accel(kernel: Kernel, accel: str, say: TextIO) -> str:
+    """kvm or tcg.  auto tries KVM with a short, bounded boot and falls back
+    to TCG (a paravirtual /dev/kvm hangs stock kernels); the answer is kept
+    per host kernel and guest kernel, and said either way."""
+    if accel != "auto":
+        return accel
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("VM: accel tcg (no usable /dev/kvm)", file=say, flush=True)
+        return "tcg"
+    memo = CACHE / "accel.json"
+    key = f"{os.uname().release} {kernel.boot}"
+    known = json.loads(memo.read_text()) if memo.exists() else {}
+    if key not in known:
+        print(
+            f"VM: probing KVM (a boot bounded at {scaled(KVM_PROBE):.0f} s) ...",
+            file=say,
+            flush=True,
+        )
+        argv = vng_argv(kernel, "kvm", "true", [])
+        proc = runs.spawn(argv, env=_vng_env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)  # fmt: skip
+        try:
+            ok = proc.wait(scaled(KVM_PROBE)) == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+        finally:
+            _kill_group(proc)
+        known[key] = "kvm" if ok else "tcg"
+        memo.write_text(json.dumps(known, indent=1))
+    chosen = str(known[key])
+    why = "KVM boots it" if chosen == "kvm" else "KVM did not boot it in time"
+    print(f"VM: accel {chosen} ({why})", file=say, flush=True)
+    return chosen
+
+
+def _kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    """The VM (vng and its QEMU) is one process group of ours: end it all."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def run_check(
+    kernel: Kernel,
+    check_args: list[str],
+    results: Path,
+    accel: str,
+    timeout_scale: float | None,
+    env: dict[str, str],
+    out: TextIO = sys.stdout,
+) -> VmRun:
+    """Boot kernel, run tools/check check_args in it (results in results/),
+    stream its lines to out; the record is written to results/vm.json."""
+    results.mkdir(parents=True, exist_ok=True)
+    chosen = choose_accel(kernel, accel, out)
+    host_import = import_time()
+    guest = [
+        "env", *(f"{k}={v}" for k, v in sorted(env.items())),
+        str(REPO / ".venv/bin/python"), "-m", "harness.iotests.vm.guest",
+        "--host-import", f"{host_import:.3f}",
+        *(["--timeout-scale", str(timeout_scale)] if timeout_scale else []),
+        "--", *check_args, "--results", str(results),
+    ]  # fmt: skip
+    command = f"cd {_quote(str(REPO))} && exec " + " ".join(map(_quote, guest))
+    rwdirs = [REPO] if results.resolve().is_relative_to(REPO) else [REPO, results.resolve()]
+    argv = vng_argv(kernel, chosen, command, rwdirs)
+    record = VmRun(kernel.name, str(kernel.boot), kernel.release, chosen, argv)
+    print(f"VM: booting {kernel.name} ({kernel.boot.name}, {chosen}) ...", file=out, flush=True)
+    t0 = time.monotonic()
+    proc = runs.spawn(argv, env=_vng_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT, text=True, bufsize=1,
+                      start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(MARKER) and not record.booted:
+                record.booted, record.boot_s = True, time.monotonic() - t0
+                record.guest_release = line.split()[2] if len(line.split()) > 2 else ""
+                print(
+                    f"VM: up after {record.boot_s:.1f} s ({record.guest_release})",
+                    file=out,
+                    flush=True,
+                )
+                continue
+            out.write(line)
+            out.flush()
+        record.exit_code = proc.wait()
+    finally:
+        _kill_group(proc)  # Ctrl-C, SIGTERM: the VM goes with us
+        record.total_s = time.monotonic() - t0
+        if not record.booted:
+            record.notes.append("the guest never started the run: boot failure")
+        (results / "vm.json").write_text(json.dumps(asdict(record), indent=1) + "\n")
+    boot = f"boot {record.boot_s:.1f} s, " if record.boot_s is not None else "no boot, "
+    print(f"VM: {kernel.name}: {boot}total {record.total_s:.1f} s, exit {record.exit_code}",
+          file=out, flush=True)  # fmt: skip
+    return record
+
+
+def _quote(s: str) -> str:
+    if s and all(c.isalnum() or c in "@%+=:,./-_" for c in s):
+        return s
+    return "'" + s.replace("'", "'\\''") + "'"
