@@ -121,3 +121,15 @@ def test_repro_verdicts_are_what_git_bisect_run_wants(
         (tmp_path / "report.json").write_text(json.dumps({"results": results}))
     (tmp_path / "vm.json").write_text(json.dumps({"booted": vm_booted}))
     assert repro.verdict(tmp_path, "i[legacy]")[0] == code
+
+
+def test_the_vm_command() -> None:
+    from harness.iotests.lifecycle import REPO
+    from harness.iotests.vm.run import vng_argv
+
+    k = kernels.Kernel("6.1.176-1", Path("/k/boot/vmlinuz-6.1.0-50-amd64"), "6.1.0-50-amd64")
+    argv = vng_argv(k, "tcg", "true", [REPO])
+    assert argv[1:4] == ["--force-9p", "-r", "/k/boot/vmlinuz-6.1.0-50-amd64"]
+    assert "--disable-kvm" in argv and ["--rwdir", str(REPO)] == argv[8:10]
+    assert argv[-2:] == ["--exec", "true"]
+    assert "--disable-kvm" not in vng_argv(k, "kvm", "true", [])

@@ -77,7 +77,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 FUSE_OVER_IO_URING={uring} "$repo/tools/check" {" ".join(map(shlex.quote, args))} \\
     --results "$out" {shlex.quote(inst.id)} || true
-exec "$repo/.venv/bin/python" -m harness.iotests.repro "$out" {shlex.quote(inst.id)}
+"$repo/.venv/bin/python" -m harness.iotests.repro "$out" {shlex.quote(inst.id)}
 """
     )
     path.chmod(0o755)

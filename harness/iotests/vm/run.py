@@ -11,12 +11,16 @@ Ctrl-C, SIGTERM or a SIGKILL of tools/check leaves no QEMU behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -63,9 +67,22 @@ def vng_argv(kernel: Kernel, accel: str, command: str, rwdirs: list[Path]) -> li
     return [*argv, "--append", f"PATH={GUEST_PATH}", "--exec", command]
 
 
-def _vng_env() -> dict[str, str]:
-    # vng runs virtme-run from PATH; the venv's bin must come first.
-    return {**child_env(), "PATH": f"{VNG.parent}:{os.environ.get('PATH', GUEST_PATH)}"}
+def _vng_env(tmp: Path) -> dict[str, str]:
+    """vng runs virtme-run from PATH (the venv's bin first) and keeps its
+    temporary files in tmp, a directory of this run: a VM killed with us
+    leaves nothing in /tmp, and a SIGKILLed run's is reaped by the next."""
+    path = f"{VNG.parent}:{os.environ.get('PATH', GUEST_PATH)}"
+    return {**child_env(), "PATH": path, "TMPDIR": str(tmp)}
+
+
+@contextlib.contextmanager
+def _private_tmp() -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="fuse-iotests-vm."))
+    runs.RUN.add_dir(tmp)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def choose_accel(kernel: Kernel, accel: str, say: TextIO) -> str:
@@ -87,15 +104,16 @@ def choose_accel(kernel: Kernel, accel: str, say: TextIO) -> str:
             flush=True,
         )
         argv = vng_argv(kernel, "kvm", "true", [])
-        proc = runs.spawn(argv, env=_vng_env(), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)  # fmt: skip
-        try:
-            ok = proc.wait(scaled(KVM_PROBE)) == 0
-        except subprocess.TimeoutExpired:
-            ok = False
-        finally:
-            _kill_group(proc)
+        with _private_tmp() as tmp:
+            proc = runs.spawn(argv, env=_vng_env(tmp), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+            try:
+                ok = proc.wait(scaled(KVM_PROBE)) == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+            finally:
+                _kill_group(proc)
         known[key] = "kvm" if ok else "tcg"
         memo.write_text(json.dumps(known, indent=1))
     chosen = str(known[key])
@@ -128,6 +146,7 @@ def run_check(
     results.mkdir(parents=True, exist_ok=True)
     chosen = choose_accel(kernel, accel, out)
     host_import = import_time()
+    env = {**env, "TMPDIR": "/tmp"}  # the guest's own (an overlay), not the host's
     guest = [
         "env", *(f"{k}={v}" for k, v in sorted(env.items())),
         str(REPO / ".venv/bin/python"), "-m", "harness.iotests.vm.guest",
@@ -141,7 +160,17 @@ def run_check(
     record = VmRun(kernel.name, str(kernel.boot), kernel.release, chosen, argv)
     print(f"VM: booting {kernel.name} ({kernel.boot.name}, {chosen}) ...", file=out, flush=True)
     t0 = time.monotonic()
-    proc = runs.spawn(argv, env=_vng_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    with _private_tmp() as tmp:
+        _boot(argv, tmp, record, t0, results, out)
+    boot = f"boot {record.boot_s:.1f} s, " if record.boot_s is not None else "no boot, "
+    print(f"VM: {kernel.name}: {boot}total {record.total_s:.1f} s, exit {record.exit_code}",
+          file=out, flush=True)  # fmt: skip
+    return record
+
+
+def _boot(argv: list[str], tmp: Path, record: VmRun, t0: float, results: Path, out: TextIO) -> None:
+    """Run the VM to its end, streaming its lines; record what happened."""
+    proc = runs.spawn(argv, env=_vng_env(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                       stderr=subprocess.STDOUT, text=True, bufsize=1,
                       start_new_session=True)  # fmt: skip
     try:
@@ -165,10 +194,6 @@ def run_check(
         if not record.booted:
             record.notes.append("the guest never started the run: boot failure")
         (results / "vm.json").write_text(json.dumps(asdict(record), indent=1) + "\n")
-    boot = f"boot {record.boot_s:.1f} s, " if record.boot_s is not None else "no boot, "
-    print(f"VM: {kernel.name}: {boot}total {record.total_s:.1f} s, exit {record.exit_code}",
-          file=out, flush=True)  # fmt: skip
-    return record
 
 
 def _quote(s: str) -> str:
