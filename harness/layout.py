@@ -1,9 +1,11 @@
 """Which queue thread owns which FUSE-over-io_uring ring queue.
 
-The kernel has one ring queue per possible CPU (num_possible_cpus(), read
-from /sys/devices/system/cpu/possible; the seed's get_nprocs() counted
-online CPUs, a bug caught in review) and routes a request to the ring queue
-of the CPU its task runs on.  Ring queue k goes to queue thread k mod N.
+The kernel has one ring queue per possible CPU (num_possible_cpus() in
+fs/fuse/dev_uring.c fuse_uring_create(), read here from
+/sys/devices/system/cpu/possible; get_nprocs() counts only online CPUs, a
+bug caught in review of QEMU's FUSE-over-io_uring series, 2025) and routes
+a request to the ring queue of the CPU its task runs on.  Ring queue k
+goes to queue thread k mod N.
 """
 
 from __future__ import annotations

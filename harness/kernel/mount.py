@@ -1,8 +1,9 @@
 """mount(2)/umount2(2) and the mount table.
 
 Whether something is mounted is read from /proc/self/mountinfo only:
-statfs() or df on a dying FUSE mount can block or fail while the mount
-table is authoritative (the flake behind the seed's `sleep 1`).
+statfs() or df on a dying FUSE mount can block or fail (ENOTCONN once
+fs/fuse/dev.c fuse_dev_release() has aborted the connection) while the
+mount table is authoritative.
 """
 
 from __future__ import annotations
