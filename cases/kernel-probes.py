@@ -80,9 +80,9 @@ def _start_client(s: Session, p: Probe) -> Client:
 def _finish_client(s: Session, p: Probe, c: Client) -> None:
     """Serve until the client has exited and its file was released; log both,
     and any ring command the kernel refused meanwhile."""
-    p.serve(lambda: c.done() and any(s.op == "RELEASE" for s in p.served), "client and RELEASE")
+    p.serve(lambda: c.done() and any(x.op == "RELEASE" for x in p.served), "client and RELEASE")
     served = p.take_served()
-    ops = " ".join(s.op + (f"={s.error}" if s.error else "") for s in served)
+    ops = " ".join(x.op + (f"={x.error}" if x.error else "") for x in served)
     s.log(f"client: {c.result()}")
     s.log(f"served on {_where(served)}: {ops}")
     refused = sorted({f"{r.cmd} {r.result}" for r in p.take_refused()})
@@ -125,9 +125,10 @@ def _reply(s: Session, p: Probe, **kw: Any) -> None:
 def no_init_ext(s: Session) -> None:
     # Without INIT_EXT the kernel ignores flags2, so OVER_IO_URING is not
     # negotiated (inode.c process_init_reply) and no request waits for the
-    # ring.  But fuse_uring_cmd() only refuses REGISTER when enable_uring is
-    # off: REGISTER is accepted and, once every qid has an entry
-    # (is_ring_ready), the connection moves to the ring anyway.
+    # ring.  Up to 6.18, fuse_uring_cmd() only refuses REGISTER when
+    # enable_uring is off: REGISTER is accepted and, once every qid has an
+    # entry (is_ring_ready), the connection moves to the ring anyway.  7.3
+    # refuses it with EOPNOTSUPP (golden/known/kernel.yaml).
     s.log("probe no-init-ext: OVER_IO_URING in flags2 of an INIT reply without INIT_EXT")
     p = _start(s)
     _reply(s, p, init_ext=False, over_io_uring=True)

@@ -58,3 +58,36 @@ def test_a_failed_exporter_cleanup_keeps_it_registered(tmp_path: Path) -> None:
     finally:
         TRACKER.discard(broken)
         TRACKER.discard(fine)
+
+
+def test_a_registration_cannot_make_the_reaper_delete_a_foreign_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registration names only directories the harness makes; anything else
+    it lists is left alone and reported, and a registry that is a symlink
+    (someone else's) is not read at all."""
+    import json
+
+    from harness.iotests import runs
+
+    victim = tmp_path / "src"
+    victim.mkdir()
+    (victim / "work.c").write_text("precious")
+    ours = tmp_path / "fuse-iotests.abc"
+    ours.mkdir()
+    registry = tmp_path / "runs"
+    registry.mkdir()
+    state = {"pid": 999999999, "started": 0.0, "dirs": [str(victim), str(ours)]}
+    (registry / "1-1.json").write_text(json.dumps(state))
+    monkeypatch.setattr(runs, "STATE_DIR", registry)
+    lines = runs.reap_stale()
+    assert (victim / "work.c").read_text() == "precious"
+    assert not ours.exists()
+    assert any(f"removed directory {ours}" in ln for ln in lines)
+    assert any(
+        "could NOT remove" in ln and "not a directory the harness makes" in ln for ln in lines
+    )
+    link = tmp_path / "link"
+    link.symlink_to(registry)
+    monkeypatch.setattr(runs, "STATE_DIR", link)
+    assert runs.reap_stale() == []  # not ours to read

@@ -57,6 +57,13 @@ def test_the_mirror_comes_from_the_hosts_own_sources(
         "http://mirror.example/debian",
         "/usr/share/keyrings/debian-archive-keyring.gpg",
     )
+    one_line = tmp_path / "sources.list"
+    one_line.write_text(
+        "# a comment\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n"
+    )
+    monkeypatch.setattr(apt, "SOURCES", one_line)
+    assert apt.mirror() == ("http://m.example/debian", "/k.gpg")
+    monkeypatch.setattr(apt, "SOURCES", tmp_path / "none")
     (parts / "debian.sources").write_text("Types: deb\nURIs: http://x/\nSuites: jammy\n")
     with pytest.raises(apt.AptError, match="no Debian archive URI"):
         apt.mirror()

@@ -275,6 +275,16 @@ BACKGROUND = "  - background: {name: b, op: pread, offset: 0, length: 4k}\n"
             ":11: step 'cycles': background client(s) c not waited for",
         ),
         ("  - release: nope\n", ":11: step 'release': no earlier step defines rule 'nope'"),
+        # Each cycle runs a new exporter: a rule of the one before is not there.
+        (
+            "  - hold: {name: h, op: read}\n  - cycles: {count: 1, steps: [{release: h}]}\n",
+            ":12: step 'release': no earlier step defines rule 'h'",
+        ),
+        (
+            "  - hold: {name: h, op: read}\n  - cycles: {count: 1}\n  - start-export\n"
+            "  - release: h\n",
+            ":14: step 'release': no earlier step defines rule 'h'",
+        ),
     ],
 )
 def test_the_validator_tracks_what_runs(tmp_path: Path, steps: str, expected: str) -> None:
@@ -348,3 +358,14 @@ def error_of_path(path: Path) -> str:
     with pytest.raises(SpecError) as e:
         load_spec(path)
     return str(e.value)
+
+
+def test_clients_and_rules_are_different_names(tmp_path: Path) -> None:
+    """A rule and a client may share a name; waiting for the client does not
+    use up the rule."""
+    steps = (
+        "  - hold: {name: h, op: read}\n"
+        "  - background: {name: h, op: stat}\n  - wait: h\n  - release: h\n"
+    )
+    text = GOOD.replace("  - read: {offset: 0, length: 4k, pattern: 0xab}\n", steps)
+    assert {"hold", "wait", "release"} <= load_spec(write_case(tmp_path, text)).step_names()

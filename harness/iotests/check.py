@@ -2,13 +2,15 @@
 
     tools/check [-fuse|-file] [-g GROUPS] [-x GROUPS] [-n] [-d] [-j N] [--regen]
                 [--target NAME] [--qsd PATH] [--diff-targets A,B]
-                [--timeout-scale F] [--cleanup] [CASE...]
+                [--timeout-scale F] [--kernel K | --kernels K1,K2] [--accel A]
+                [--repro INSTANCE] [--cleanup] [CASE...]
 
 -fuse (the default) runs instances through an export on the classic
 /dev/fuse transport, or on FUSE-over-io_uring with FUSE_OVER_IO_URING=1.
 -file runs the generic I/O cases directly on the image, as a baseline.
 --target picks the export implementation (also FUSE_IOTESTS_TARGET);
 --diff-targets runs every instance on two targets and compares them.
+--kernel runs the same in a VM booted with another kernel (harness/iotests/vm).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .runner import (
 )
 from .runs import RUN, reap_stale
 from .spec import CaseSpec, SpecError, load_all
+from .vm.run import ACCELS
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
 INTERRUPT_JOIN = 30.0
@@ -95,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--accel",
-        choices=("auto", "kvm", "tcg"),
+        choices=ACCELS,
         default="auto",
         help="VM acceleration (auto: try KVM with a bounded boot, else TCG)",
     )
@@ -324,7 +327,11 @@ def _repro(ns: argparse.Namespace, specs: list[CaseSpec]) -> int:
     """Write the bisect script for one instance; its path is the last line."""
     from .repro import write_script
 
-    target = targets.resolve(ns.target, ns.qsd)
+    try:
+        target = targets.resolve(ns.target, ns.qsd)
+    except targets.TargetError as e:
+        print(f"check: {e}", file=sys.stderr)
+        return 1
     found = [
         inst.on(target.tag)
         for spec in specs
@@ -336,7 +343,7 @@ def _repro(ns: argparse.Namespace, specs: list[CaseSpec]) -> int:
             f"check: --repro: no instance {ns.repro!r} (tools/check -n lists them)", file=sys.stderr
         )
         return 1
-    print(write_script(found[0], ns.target, ns.kernel, ns.accel))
+    print(write_script(found[0], ns.target, ns.qsd, ns.kernel, ns.accel))
     return 0
 
 

@@ -21,11 +21,6 @@ class Outcome:
     removed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # "WHAT: Error: message"
 
-    def add(self, other: Outcome) -> Outcome:
-        self.removed += other.removed
-        self.failed += other.failed
-        return self
-
     @property
     def ok(self) -> bool:
         return not self.failed

@@ -6,8 +6,9 @@ RUN is a results directory or its report.json.  Prints the fingerprint
 differences (kernel, FUSE minor, offered INIT flags, enable_uring, the VM
 it ran in), every instance whose status changed, and the diff of every
 transcript that changed: "it passes on 6.16 and fails on 7.3, here is the
-difference".  Exits 0 when nothing differs, 1 when something does, 2 on
-bad input (one line).
+difference".  Exits 0 when every instance has the same status and
+transcript (the fingerprints may differ: that is the point of comparing
+two kernels), 1 when one does not, 2 on bad input (one line).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def load(arg: str) -> Run:
     except (ValueError, KeyError, TypeError) as e:
         raise BadRun(f"{report}: not a tools/check report ({type(e).__name__}: {e})") from None
     vm_file = report.parent / "vm.json"
-    vm = json.loads(vm_file.read_text()) if vm_file.exists() else {}
+    try:
+        vm = json.loads(vm_file.read_text()) if vm_file.exists() else {}
+    except ValueError as e:
+        raise BadRun(f"{vm_file}: not a VM record ({e})") from None
     return Run(str(report.parent), fp, results, vm)
 
 

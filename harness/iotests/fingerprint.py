@@ -21,6 +21,7 @@ from ..layout import possible_cpu_ids
 from .lifecycle import REPO
 from .runs import RUN
 from .targets import CAPABILITIES, Target
+from .timeouts import scaled
 
 
 def _git_revision() -> str:
@@ -29,7 +30,7 @@ def _git_revision() -> str:
             ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=scaled(10),
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,11 @@ class ExporterProcess:
         try:
             self.configure()
             self.connect_qmp()  # connected from the start: no event is missed
-        except BaseException:
-            self.cleanup()  # a daemon that refused the export must not linger
+        except BaseException as e:
+            try:  # a daemon that refused the export must not linger
+                self.cleanup()
+            except Exception as ce:  # keep the start-up error; note the cleanup's
+                e.add_note(f"and cleaning up after it failed: {ce}")
             raise
         entry = find_mount(str(self.mountpoint))
         if entry is None or not entry.is_fuse or entry.mount_id == self._mount_before:
@@ -159,6 +163,8 @@ class ExporterProcess:
     # would leave a coroutine never awaited), hence _qmp_lock around each use.
 
     def _client(self) -> Any:
+        if self._cleaned:  # a case thread woken by the cleanup must not reconnect
+            raise RuntimeError("exporter cleaned up: no QMP")
         if self._qmp is None:
             from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -373,7 +379,14 @@ def _is_descendant(pid: int, ancestor: int) -> bool:
 
 
 TRACKER = Tracker()
-atexit.register(TRACKER.cleanup_all)
+
+
+def _cleanup_at_exit() -> None:
+    for line in TRACKER.cleanup_all().failed:
+        print(f"cleanup at exit: {line}", file=sys.stderr)
+
+
+atexit.register(_cleanup_at_exit)
 
 __all__ = [
     "TRACKER",

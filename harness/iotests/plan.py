@@ -87,10 +87,15 @@ class Plan:
 
     def export_settings(self) -> list[Settings]:
         """Every set of options an export of this plan starts with."""
-        if self.settings is None:
-            return []
-        extra = [s.value for s in self.all_steps() if s.defn.starts_export and s.value]
-        return [self.settings, *(self.settings.with_(e) for e in extra)]
+        return _export_settings(self.settings, self.steps)
+
+
+def _export_settings(settings: Settings | None, steps: tuple[PlannedStep, ...]) -> list[Settings]:
+    if settings is None:
+        return []
+    every = [s for top in steps for s in (top, *top.steps)]
+    extra = [s.value for s in every if s.defn.starts_export and s.value]
+    return [settings, *(settings.with_(e) for e in extra)]
 
 
 @dataclass
@@ -130,7 +135,15 @@ def compile_plan(
     if raw_steps is not None:
         state = _State(exported=instance.mode == "fuse" and start)
         steps = tuple(_compile(r, instance, serial, state, req, in_cycles=False) for r in raw_steps)
-    plan = Plan(
+    # Per instance, from what its exports ask for: io-uring on needs the
+    # ring; auto takes it where the kernel has it and falls back where not
+    # (the path to test there); off needs /dev/fuse only.
+    modes = {s["io-uring"] for s in _export_settings(settings, steps)}
+    if "on" in modes:
+        req["uring"] = True
+    elif "auto" in modes:
+        req.setdefault("uring-if-available", True)
+    return Plan(
         instance,
         steps,
         img.get("size", DEFAULT_IMAGE_SIZE),
@@ -139,15 +152,6 @@ def compile_plan(
         start,
         req,
     )
-    # Per instance, from what its exports ask for: io-uring on needs the
-    # ring; auto takes it where the kernel has it and falls back where not
-    # (the path to test there); off needs /dev/fuse only.
-    modes = {s["io-uring"] for s in plan.export_settings()}
-    if "on" in modes:
-        req["uring"] = True
-    elif "auto" in modes:
-        req.setdefault("uring-if-available", True)
-    return plan
 
 
 def _block(block: dict[str, Any], fields: Any, name: str) -> dict[str, Any]:
@@ -190,7 +194,8 @@ def _compile(
     _use_names(sd, value, state, fail)
     nested: tuple[PlannedStep, ...] = ()
     if sd.nested is not None:
-        inner = _State(exported=True, clients=set(), rules=set(state.rules))
+        # Each cycle runs a new exporter: rules of the old one do not apply.
+        inner = _State(exported=True)
         subs = value.pop(sd.nested, [])
         nested = tuple(
             _compile(
@@ -212,6 +217,7 @@ def _compile(
         state.exported = True
     if sd.ends_export:
         state.exported = False
+        state.rules.clear()  # they lived in the exporter that is gone
     return PlannedStep(sd, value, raw.line, nested)
 
 
@@ -221,8 +227,8 @@ def _use_names(sd: StepDef, value: Any, state: _State, fail: Any) -> None:
         use = sd.refers
         name = use.name_in(value)
         known = state.clients if use.kind == "client" else state.rules
-        if name in state.waited:
-            raise fail(f"{use.kind} {name!r} was waited for already")
+        if use.kind == "client" and name in state.waited:
+            raise fail(f"client {name!r} was waited for already")
         if name != use.all_word and name not in known:
             raise fail(f"no earlier step defines {use.kind} {name!r}")
         if use.consumes:
@@ -237,4 +243,5 @@ def _use_names(sd: StepDef, value: Any, state: _State, fail: Any) -> None:
         if use.kind == "client" and name in known:
             raise fail(f"client {name!r} is still running: wait for it first")
         known.add(name)
-        state.waited.discard(name)
+        if use.kind == "client":
+            state.waited.discard(name)

@@ -547,7 +547,7 @@ class Probe:
         if self.mount_id is None or self._unmounted():
             return
         umount_or_detach(str(self.mountpoint))
-        wait_until(self._unmounted, WAIT, f"{self.mountpoint} unmounted", self.report)
+        wait_until(self._unmounted, scaled(WAIT), f"{self.mountpoint} unmounted", self.report)
 
     def _unmounted(self) -> bool:
         entry = find_mount(str(self.mountpoint))

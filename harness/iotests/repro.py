@@ -53,14 +53,22 @@ def _revision() -> str:
     return res.stdout.strip() or "unknown"
 
 
-def write_script(inst: Instance, target: str, kernel: str | None, accel: str) -> Path:
+def write_script(
+    inst: Instance, target: str, qsd: str | None, kernel: str | None, accel: str
+) -> Path:
+    """inst carries its target's tag (its id as reports show it); tools/check
+    selects by the untagged id plus --target."""
     name = inst.id.replace("[", "-").replace("]", "").replace(",", "-").replace("=", "_")
     if kernel:
         name += "-kernel-" + "".join(c if c.isalnum() or c in ".+-" else "_" for c in kernel)
     path = REPO / "results" / "repro" / f"{name}.sh"
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "-file" if inst.mode == "file" else "-fuse"
-    args = [mode, "--target", target, *(["--kernel", kernel, "--accel", accel] if kernel else [])]
+    args = [mode, "--target", target]
+    if qsd:
+        args += ["--qsd", str(Path(qsd).resolve())]
+    if kernel:
+        args += ["--kernel", kernel, "--accel", accel]
     uring = "1" if inst.transport == "uring" else "0"
     where = f" on kernel {kernel}" if kernel else " on this host's kernel"
     path.write_text(
@@ -76,7 +84,7 @@ repo={shlex.quote(str(REPO))}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 FUSE_OVER_IO_URING={uring} "$repo/tools/check" {" ".join(map(shlex.quote, args))} \\
-    --results "$out" {shlex.quote(inst.id)} || true
+    --results "$out" {shlex.quote(inst.on("").id)} || true
 "$repo/.venv/bin/python" -m harness.iotests.repro "$out" {shlex.quote(inst.id)}
 """
     )

@@ -41,6 +41,7 @@ from .plan import Plan
 from .runs import RUN
 from .spec import CaseSpec
 from .steps import Session
+from .steps.vocabulary import TOOLS as STEP_TOOLS
 from .targets import Target
 from .timeouts import scale
 from .waiting import WaitTimeout
@@ -114,7 +115,7 @@ def target_problem(spec: CaseSpec, plan: Plan, target: Target) -> str | None:
 
 
 # What each requirement a plan can have needs of this machine.
-TOOLS = {"fio": "fio", "qsd": "qemu-storage-daemon", "qemu-io": "qemu-io", "qemu-img": "qemu-img"}
+TOOLS = {**STEP_TOOLS, "qsd": "qemu-storage-daemon"}
 
 
 def missing_requirement(spec: CaseSpec, inst: Instance, target: Target) -> str | None:

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -41,12 +42,37 @@ from ..kernel.mount import mount_table, umount_or_detach
 from .cleanup import run_all
 from .waiting import WaitTimeout, kernel_stacks
 
+
 # FUSE_IOTESTS_STATE_DIR: a private registry (the harness's own tests use one).
-# Another user (who can only run the pure tests) keeps a registry of its own.
-_DEFAULT_STATE = (
-    "/run/fuse-iotests/runs" if os.geteuid() == 0 else f"/tmp/fuse-iotests-{os.geteuid()}/runs"
-)
-STATE_DIR = Path(os.environ.get("FUSE_IOTESTS_STATE_DIR", _DEFAULT_STATE))
+# Root's is under /run; another user's (who can only run the pure tests) under
+# its own runtime or cache directory, never a shared path in /tmp.
+def _default_state() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/fuse-iotests/runs")
+    base = os.environ.get("XDG_RUNTIME_DIR") or str(Path.home() / ".cache")
+    return Path(base) / "fuse-iotests" / "runs"
+
+
+STATE_DIR = Path(os.environ.get("FUSE_IOTESTS_STATE_DIR") or _default_state())
+# What a registration may ask to delete: only directories the harness makes
+# (mkdtemp prefixes) or paths inside them.
+OUR_DIR_PREFIX = "fuse-iotests"
+
+
+def _ours(path: Path) -> bool:
+    """A real directory or file (not a symlink) owned by us: a registry
+    someone else could write to must not tell us what to delete."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not stat.S_ISLNK(st.st_mode)
+
+
+def _may_delete(d: str) -> bool:
+    return any(part.startswith(OUR_DIR_PREFIX) for part in Path(d).parts)
+
+
 CGROUP_PREFIX = "fuse-iotests-run-"
 REAP_TIMEOUT = 10.0
 PR_SET_PDEATHSIG = 1
@@ -99,7 +125,9 @@ class Run:
     def _ensure(self) -> RunState:
         if self.state is not None:
             return self.state
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _ours(STATE_DIR):
+            raise RuntimeError(f"run registry {STATE_DIR} is not a directory of ours")
         self.path = STATE_DIR / f"{os.getpid()}-{time.time_ns()}.json"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -194,24 +222,52 @@ def run(
     **kw: Any,
 ) -> subprocess.CompletedProcess[str]:
     """subprocess.run for an external tool (dd, fio, qemu-io, ...), adopted.
-    An overrun kills it and raises ToolTimeout with what it was doing."""
-    with spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as p:
+    An overrun kills it with every process it forked (its own process group:
+    fio's jobs hold the output pipe too) and raises ToolTimeout with what
+    they were doing."""
+    with spawn(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    ) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            stacks = kernel_stacks(p.pid)
-            p.kill()
-            out, err = p.communicate()
+            group = _group(p.pid)
+            stacks = "\n".join(kernel_stacks(pid) for pid in group)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            try:
+                out, err = p.communicate(timeout=REAP_TIMEOUT)
+            except subprocess.TimeoutExpired:  # a child that left the group
+                p.kill()
+                out, err = "", ""
             tail = "\n".join((out + err).splitlines()[-10:])
             report = [
                 f"timed out after {timeout:.1f}s waiting for {argv[0]} to exit "
                 f"(killed): {' '.join(argv)}",
                 f"{argv[0]} output (tail):\n{tail}" if tail else f"{argv[0]}: no output",
-                f"kernel stacks of {argv[0]} {p.pid}:\n{stacks}",
+                f"kernel stacks of {argv[0]} (process group {p.pid}):\n{stacks}",
                 diagnose() if diagnose is not None else "",
             ]
             raise ToolTimeout("\n".join(r for r in report if r)) from None
         return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of a process group."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(pid))
+    return sorted(pids)
 
 
 # -- finding and removing what dead runs left ---------------------------------
@@ -316,6 +372,8 @@ def _reap(state: RunState) -> tuple[list[str], list[str]]:
         _wait(lambda: _rmdir(state.cgroup), "the cgroup to empty")
 
     def remove_dir(d: str) -> list[str]:
+        if not _may_delete(d):
+            raise RuntimeError(f"{d} is not a directory the harness makes; left alone")
         if not os.path.isdir(d) or any(
             m.startswith(d.rstrip("/") + "/") for m in _our_mounts(state)
         ):
@@ -339,7 +397,8 @@ def _reap(state: RunState) -> tuple[list[str], list[str]]:
 
 def _stale_states() -> Iterator[tuple[Path, RunState]]:
     """Each registration whose owner died, locked while the caller reaps it."""
-    for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
+    registry = sorted(STATE_DIR.glob("*.json")) if _ours(STATE_DIR) else []
+    for path in (p for p in registry if _ours(p)):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

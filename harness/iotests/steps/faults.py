@@ -87,7 +87,7 @@ def _hold(s: Session, a: dict[str, Any]) -> None:
     },
     export=True,
     needs=("faults",),
-    defines=NameUse("rule", "name", optional=True),
+    defines=NameUse("rule", "name"),  # unnamed: nothing refers to it
 )
 def _fail(s: Session, a: dict[str, Any]) -> None:
     """Fail the next matching request(s) with an errno (default EIO, once)."""

@@ -195,8 +195,9 @@ def convert_fields(arg: Any, fields: Fields) -> dict[str, Any]:
 
 # The names steps define and refer to: background clients and fault rules.
 NAME_KINDS = ("client", "rule")
-# Requirements a step can imply (see runner.REQUIREMENTS for their checks).
-TOOLS = ("fio", "qemu-io", "qemu-img")
+# External programs a step can run: requirement key -> program (the
+# requirement check in runner.missing_requirement looks them up on PATH).
+TOOLS = {"fio": "fio", "qemu-io": "qemu-io", "qemu-img": "qemu-img"}
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,6 @@ class NameUse:
     field: str | None = None
     consumes: bool = False  # `wait`: a client is waited for once
     all_word: str | None = None  # `release: all` names every rule
-    optional: bool = False  # `fail` may go unnamed
 
     def name_in(self, value: Any) -> str | None:
         if self.field is None:

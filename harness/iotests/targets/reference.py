@@ -13,6 +13,7 @@ from pathlib import Path
 from ... import __version__
 from ...options import Settings
 from ..lifecycle import REPO, ExporterProcess, child_env
+from ..timeouts import scaled
 from . import CAPABILITIES, Target
 
 NAMES = ("reference",)
@@ -64,5 +65,5 @@ def run_exporter(*args: str, user: str | None = None) -> subprocess.CompletedPro
     if user:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
     return subprocess.run(
-        argv, cwd=REPO, capture_output=True, text=True, timeout=30, env=child_env()
+        argv, cwd=REPO, capture_output=True, text=True, timeout=scaled(30), env=child_env()
     )

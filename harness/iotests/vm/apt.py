@@ -46,29 +46,25 @@ def _deb822(text: str) -> list[dict[str, str]]:
     return stanzas
 
 
+_ONE_LINE = re.compile(
+    r"^deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+(?P<suite>\S+)\s+(?P<comps>.+)$"
+)
+
+
 def _one_line(text: str) -> list[dict[str, str]]:
+    """`deb [opt=val ...] URI suite component...` lines."""
     out = []
     for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if not words or words[0] != "deb":
+        m = _ONE_LINE.match(line.split("#", 1)[0].strip())
+        if m is None:
             continue
-        opts, rest = {}, words[1:]
-        if rest and rest[0].startswith("["):
-            while rest:
-                w = rest.pop(0).strip("[]")
-                if "=" in w:
-                    k, v = w.split("=", 1)
-                    opts[k] = v
-                if words[words.index(w) if w in words else 0].endswith("]") or not rest:
-                    break
-        if len(rest) < 3:
-            continue
+        opts = dict(o.split("=", 1) for o in (m.group("opts") or "").split() if "=" in o)
         out.append(
             {
                 "types": "deb",
-                "uris": rest[0],
-                "suites": rest[1],
-                "components": " ".join(rest[2:]),
+                "uris": m.group("uri"),
+                "suites": m.group("suite"),
+                "components": m.group("comps"),
                 "signed-by": opts.get("signed-by", ""),
             }
         )

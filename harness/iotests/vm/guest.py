@@ -5,7 +5,7 @@
 The first line it prints is the boot marker the host times the boot by.
 Without --timeout-scale, the scale is the measured slowdown: how much
 longer importing the runner takes here than it took on the host (TCG is
-25-40x slower), at least 1.
+25-50x slower), at least 1.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def _layout(root: Path, release: str) -> None:
     packaged = usr_modules / "vmlinuz.unsigned"
     if not image.exists() and packaged.exists():
         image.parent.mkdir(exist_ok=True)
-        image.symlink_to(packaged.relative_to(root).as_posix().join(["../", ""]))
+        image.symlink_to(f"../{packaged.relative_to(root)}")
 
 
 def _local(spec: str) -> Kernel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,14 +45,19 @@ def check_on_kernels(
     timeout_scale: float | None,
     results: Path | None,
 ) -> int:
-    setup = REPO / "tools" / "setup-vm"
-    if os.system(f"{setup} >&2") != 0:  # idempotent: quick when done
+    setup = subprocess.run([str(REPO / "tools" / "setup-vm")], stdout=sys.stderr)
+    if setup.returncode != 0:  # idempotent: quick when done
         print("check: tools/setup-vm failed", file=sys.stderr)
         return 1
     try:
         resolved = [resolve(k) for k in kernels]
     except KernelError as e:
         print(f"check: {e}", file=sys.stderr)
+        return 1
+    labels = [k.label for k in resolved]
+    twice = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if twice:  # each kernel's results have a directory of that name
+        print(f"check: --kernels names {', '.join(twice)} twice", file=sys.stderr)
         return 1
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = results or REPO / "results" / f"{stamp}-{os.getpid()}"

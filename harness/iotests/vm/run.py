@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,9 @@ from .kernels import CACHE, Kernel
 VNG = REPO / ".venv" / "bin" / "vng"
 ACCELS = ("auto", "kvm", "tcg")
 KVM_PROBE = 60.0  # a boot that works takes ~10 s; a paravirtual KVM hangs (scaled)
+BOOT_BOUND = 600.0  # from starting QEMU to the guest's first line (~20 s under TCG)
+IDLE_BOUND = 1800.0  # between two lines of the guest's run (an instance under TCG)
+EXIT_BOUND = 60.0  # from the end of the guest's output to QEMU's exit
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -109,12 +114,16 @@ def choose_accel(kernel: Kernel, accel: str, say: TextIO) -> str:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
             try:
-                ok = proc.wait(scaled(KVM_PROBE)) == 0
+                code: int | None = proc.wait(scaled(KVM_PROBE))
             except subprocess.TimeoutExpired:
-                ok = False
+                code = None  # hung: what a paravirtual KVM does to stock kernels
             finally:
                 _kill_group(proc)
-        known[key] = "kvm" if ok else "tcg"
+        if code not in (0, None):  # vng failed for another reason: ask again next time
+            print(f"VM: accel tcg (the KVM probe failed with status {code})", file=say, flush=True)
+            return "tcg"
+        # Kept: a clean boot, or a hang (delete .cache/vm/accel.json to probe again).
+        known[key] = "kvm" if code == 0 else "tcg"
         memo.write_text(json.dumps(known, indent=1))
     chosen = str(known[key])
     why = "KVM boots it" if chosen == "kvm" else "KVM did not boot it in time"
@@ -173,9 +182,35 @@ def _boot(argv: list[str], tmp: Path, record: VmRun, t0: float, results: Path, o
     proc = runs.spawn(argv, env=_vng_env(tmp), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                       stderr=subprocess.STDOUT, text=True, bufsize=1,
                       start_new_session=True)  # fmt: skip
-    try:
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def reader() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)  # EOF
+
+    threading.Thread(target=reader, daemon=True, name="vm output").start()
+    try:
+        while True:
+            # A guest that hangs (a kernel that never boots, a panic without
+            # reboot) is killed after a bound, not waited for forever.
+            bound = scaled(BOOT_BOUND if not record.booted else IDLE_BOUND)
+            try:
+                line = lines.get(timeout=bound)
+            except queue.Empty:
+                what = "did not boot" if not record.booted else "said nothing"
+                record.notes.append(f"the guest {what} within {bound:.0f} s: killed")
+                print(
+                    f"VM: the guest {what} within {bound:.0f} s: killing it", file=out, flush=True
+                )
+                break
+            if line is None:  # the guest's output ended: QEMU exits with its status
+                try:
+                    proc.wait(scaled(EXIT_BOUND))
+                except subprocess.TimeoutExpired:
+                    record.notes.append("QEMU did not exit after the guest's output ended: killed")
+                break
             if line.startswith(MARKER) and not record.booted:
                 record.booted, record.boot_s = True, time.monotonic() - t0
                 record.guest_release = line.split()[2] if len(line.split()) > 2 else ""
@@ -187,7 +222,8 @@ def _boot(argv: list[str], tmp: Path, record: VmRun, t0: float, results: Path, o
                 continue
             out.write(line)
             out.flush()
-        record.exit_code = proc.wait()
+        _kill_group(proc)
+        record.exit_code = None if record.notes else proc.returncode
     finally:
         _kill_group(proc)  # Ctrl-C, SIGTERM: the VM goes with us
         record.total_s = time.monotonic() - t0
