@@ -45,14 +45,14 @@ def check_on_kernels(
     timeout_scale: float | None,
     results: Path | None,
 ) -> int:
-    setup = subprocess.run([str(REPO / "tools" / "setup-vm")], stdout=sys.stderr)
-    if setup.returncode != 0:  # idempotent: quick when done
-        print("check: tools/setup-vm failed", file=sys.stderr)
-        return 1
-    try:
+    try:  # a bad --kernel is one line before anything is installed or booted
         resolved = [resolve(k) for k in kernels]
     except KernelError as e:
         print(f"check: {e}", file=sys.stderr)
+        return 1
+    setup = subprocess.run([str(REPO / "tools" / "setup-vm")], stdout=sys.stderr)
+    if setup.returncode != 0:  # idempotent: quick when done
+        print("check: tools/setup-vm failed", file=sys.stderr)
         return 1
     labels = [k.label for k in resolved]
     twice = sorted({lb for lb in labels if labels.count(lb) > 1})
