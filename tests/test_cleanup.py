@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,33 @@ def test_a_registration_cannot_make_the_reaper_delete_a_foreign_directory(
     link.symlink_to(registry)
     monkeypatch.setattr(runs, "STATE_DIR", link)
     assert runs.reap_stale() == []  # not ours to read
+
+
+def test_an_empty_cgroup_of_a_finished_run_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that finished while the kernel still held its cgroup (EBUSY
+    after killing children) left an empty cgroup behind; the next run's
+    reaping removes it, and leaves a live run's cgroup alone."""
+    from harness.iotests import runs
+
+    root = runs.cgroup2_root()
+    if root is None:
+        pytest.skip("not run: no writable cgroup v2 here")
+    registry = tmp_path / "runs"
+    registry.mkdir()
+    monkeypatch.setattr(runs, "STATE_DIR", registry)
+    orphan = root / f"{runs.CGROUP_PREFIX}test-orphan-{os.getpid()}"
+    live = root / f"{runs.CGROUP_PREFIX}test-live-{os.getpid()}"
+    (registry / f"test-live-{os.getpid()}.json").write_text("{}")
+    orphan.mkdir()
+    live.mkdir()
+    try:
+        lines = runs.reap_stale()
+        assert not orphan.exists()
+        assert f"cleanup: removed the empty cgroup {orphan} of a finished run" in lines
+        assert live.exists()
+    finally:
+        for c in (orphan, live):
+            if c.exists():
+                c.rmdir()

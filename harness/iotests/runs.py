@@ -181,8 +181,12 @@ class Run:
             if _leftovers(self.state):
                 return
             if self.state.cgroup:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.state.cgroup)
+                # EBUSY until the kernel has let go of our killed children:
+                # wait (bounded); if it is still there, the next run reaps it.
+                try:
+                    _wait(lambda: _rmdir(self.state.cgroup if self.state else None), "our cgroup")
+                except TimeoutError:
+                    return
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self.state = None
@@ -418,9 +422,26 @@ def _stale_states() -> Iterator[tuple[Path, RunState]]:
             os.close(fd)
 
 
+def _orphan_cgroups() -> list[str]:
+    """Empty cgroups of runs whose registration is gone (a run that finished
+    while the kernel still held its cgroup): removed, one line each."""
+    root = cgroup2_root()
+    if root is None:
+        return []
+    live = {p.stem for p in STATE_DIR.glob("*.json")} if _ours(STATE_DIR) else set()
+    lines = []
+    for c in sorted(root.glob(f"{CGROUP_PREFIX}*")):
+        # The registration is written before its cgroup is made: no race.
+        if c.name.removeprefix(CGROUP_PREFIX) in live or _cgroup_pids(str(c)):
+            continue
+        if _rmdir(str(c)):
+            lines.append(f"cleanup: removed the empty cgroup {c} of a finished run")
+    return lines
+
+
 def reap_stale() -> list[str]:
     """Clean up after every run whose owner died; one line per thing."""
-    lines = []
+    lines = _orphan_cgroups()
     for path, state in _stale_states():  # our own is locked: never listed
         removed, left = _reap(state)
         when = time.strftime("%H:%M:%S", time.localtime(state.started))
