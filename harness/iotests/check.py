@@ -46,7 +46,7 @@ from .runner import (
 )
 from .runs import RUN, reap_stale
 from .spec import CaseSpec, SpecError, load_all
-from .vm.run import ACCELS
+from .vm import ACCELS
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
 INTERRUPT_JOIN = 30.0
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--timeout-scale",
-        default=os.environ.get(timeouts.SCALE_ENV, "1"),
+        default=os.environ.get(timeouts.SCALE_ENV),
         metavar="F",
         help="multiply every case timeout and wait bound by F, for slow machines and VMs "
         f"(also {timeouts.SCALE_ENV})",
@@ -121,13 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     if ns.jobs < 1:
         p.error("-j must be at least 1")
-    # Given on the command line or in the environment (not the default):
+    # Given on the command line or in the environment, not the default of 1:
     # a VM run measures its own otherwise.
-    ns.scale_given = timeouts.SCALE_ENV in os.environ or any(
-        a.startswith("--timeout-scale") for a in (argv if argv is not None else sys.argv[1:])
-    )
+    ns.scale_given = ns.timeout_scale is not None
     try:
-        ns.timeout_scale = timeouts.parse_scale(ns.timeout_scale)
+        ns.timeout_scale = timeouts.parse_scale(ns.timeout_scale or "1")
     except timeouts.BadScale as e:
         p.error(f"--timeout-scale: {e}")
     ns.mode = ns.mode or "fuse"

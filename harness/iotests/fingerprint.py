@@ -24,7 +24,7 @@ from .targets import CAPABILITIES, Target
 from .timeouts import scaled
 
 
-def _git_revision() -> str:
+def git_revision() -> str:
     try:
         res = subprocess.run(
             ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
@@ -80,7 +80,7 @@ def collect(targets: list[Target] | None = None) -> dict[str, Any]:
         "io_uring_disabled": read_param(IO_URING_DISABLED) or "missing",
         "possible_cpus": len(cpus),
         "possible_cpu_list": ",".join(map(str, cpus)),
-        "exporter": f"harness.exporter {__version__} ({_git_revision()})",
+        "exporter": f"harness.exporter {__version__} ({git_revision()})",
         "scratch": f"{scratch} ({_filesystem_of(os.path.realpath(scratch))})",
         "targets": [t.describe() for t in targets or []],
     }

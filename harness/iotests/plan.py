@@ -76,9 +76,7 @@ class Plan:
 
     def all_steps(self) -> Iterator[PlannedStep]:
         """Every step, those inside cycles included."""
-        for s in self.steps:
-            yield s
-            yield from s.steps
+        return _flatten(self.steps)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -90,11 +88,16 @@ class Plan:
         return _export_settings(self.settings, self.steps)
 
 
+def _flatten(steps: tuple[PlannedStep, ...]) -> Iterator[PlannedStep]:
+    for s in steps:
+        yield s
+        yield from s.steps
+
+
 def _export_settings(settings: Settings | None, steps: tuple[PlannedStep, ...]) -> list[Settings]:
     if settings is None:
         return []
-    every = [s for top in steps for s in (top, *top.steps)]
-    extra = [s.value for s in every if s.defn.starts_export and s.value]
+    extra = [s.value for s in _flatten(steps) if s.defn.starts_export and s.value]
     return [settings, *(settings.with_(e) for e in extra)]
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .context import Instance
+from .fingerprint import git_revision
 from .lifecycle import REPO
 
 GOOD, BAD, SKIP = 0, 1, 125
@@ -45,12 +45,6 @@ def verdict(results: Path, instance: str) -> tuple[int, str]:
     if r["status"] == "not run":
         return SKIP, f"not run: {first}"
     return BAD, f"{r['status']}: {first}"
-
-
-def _revision() -> str:
-    res = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True)  # fmt: skip
-    return res.stdout.strip() or "unknown"
 
 
 def write_script(
@@ -78,7 +72,7 @@ def write_script(
 # golden file, 1 when it does not, 125 when it cannot run (a requirement is
 # missing, the VM did not boot).
 # Written by tools/check --repro on {time.strftime("%Y-%m-%d %H:%M")} from
-# {REPO} at {_revision()}.
+# {REPO} at {git_revision()}.
 set -u
 repo={shlex.quote(str(REPO))}
 out=$(mktemp -d)

@@ -242,8 +242,7 @@ def run(
         except subprocess.TimeoutExpired:
             group = _group(p.pid)
             stacks = "\n".join(kernel_stacks(pid) for pid in group)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+            kill_group(p.pid)
             try:
                 out, err = p.communicate(timeout=REAP_TIMEOUT)
             except subprocess.TimeoutExpired:  # a child that left the group
@@ -259,6 +258,13 @@ def run(
             ]
             raise ToolTimeout("\n".join(r for r in report if r)) from None
         return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group of ours: a tool and what it forked, or a VM
+    (vng, virtme-run and QEMU), even when its leader has exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _group(pgid: int) -> list[int]:

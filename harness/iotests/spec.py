@@ -389,7 +389,7 @@ def load_spec(path: Path) -> CaseSpec:
     """Load one case file; raise SpecError with 'FILE:LINE: message'."""
     # A case's id is its file name, so two files with one stem share an id:
     # both are refused, each naming the other (instances are known by id).
-    twins = [t for t in case_files(path.parent) if t.stem == path.stem and t != path]
+    twins = [t for t in map(path.with_suffix, CASE_SUFFIXES) if t != path and t.exists()]
     if twins:
         raise SpecError(f"{path}:1: case id '{path.stem}' is also the id of {twins[0]}")
     try:
@@ -448,8 +448,11 @@ def _import_case(path: Path) -> ModuleType:
     return module
 
 
+CASE_SUFFIXES = (".yaml", ".py")
+
+
 def is_case_file(path: Path) -> bool:
-    return path.suffix in (".yaml", ".py") and path.name[0] not in "._"
+    return path.suffix in CASE_SUFFIXES and path.name[0] not in "._"
 
 
 def case_files(cases_dir: Path) -> list[Path]:

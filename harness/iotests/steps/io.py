@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ...kernel.errnos import errno_name
@@ -16,6 +17,23 @@ from ...kernel.libc import fallocate
 from ...options import choice
 from .session import Session, describe, fill_bytes, page_buffer, timing_line
 from .vocabulary import FALLOC_MODES, falloc_mode, pattern, region_list, size, step, text, texts
+
+
+def _timed(s: Session, flags: int, what: str, io: Callable[[int], int]) -> tuple[int, float] | None:
+    """One syscall on the target, timed: (its result, seconds), or None when
+    open or the call failed (logged as qemu-io words it)."""
+    fd = s.open(flags, what)
+    if fd is None:
+        return None
+    try:
+        t0 = time.monotonic()
+        n = io(fd)
+        return n, time.monotonic() - t0
+    except OSError as e:
+        s.log(f"{what} failed: {describe(e)}")
+        return None
+    finally:
+        os.close(fd)
 
 
 @step(
@@ -27,20 +45,11 @@ def _write(s: Session, a: dict[str, Any]) -> None:
     off, length = a["offset"], a["length"]
     buf = page_buffer(length)
     buf[:length] = fill_bytes(a.get("pattern", 0xAB), off, length)
-    fd = s.open(os.O_RDWR, "write")
-    if fd is None:
-        return
-    try:
-        t0 = time.monotonic()
-        n = os.pwrite(fd, memoryview(buf)[:length], off)
-        dt = time.monotonic() - t0
-    except OSError as e:
-        s.log(f"write failed: {describe(e)}")
-        return
-    finally:
-        os.close(fd)
-    s.log(f"wrote {n}/{length} bytes at offset {off}")
-    s.log(timing_line(n, dt))
+    done = _timed(s, os.O_RDWR, "write", lambda fd: os.pwrite(fd, memoryview(buf)[:length], off))
+    if done is not None:
+        n, dt = done
+        s.log(f"wrote {n}/{length} bytes at offset {off}")
+        s.log(timing_line(n, dt))
 
 
 @step(
@@ -51,23 +60,15 @@ def _read(s: Session, a: dict[str, Any]) -> None:
     """pread(2) and verify against a pattern if given; print as qemu-io's read."""
     off, length = a["offset"], a["length"]
     buf = page_buffer(length)
-    fd = s.open(os.O_RDONLY, "read")
-    if fd is None:
+    done = _timed(s, os.O_RDONLY, "read", lambda fd: os.preadv(fd, [memoryview(buf)[:length]], off))
+    if done is None:
         return
-    try:
-        t0 = time.monotonic()
-        n = os.preadv(fd, [memoryview(buf)[:length]], off)
-        dt = time.monotonic() - t0
-        data = buf[:n]
-    except OSError as e:
-        s.log(f"read failed: {describe(e)}")
-        return
-    finally:
-        os.close(fd)
-    if "pattern" in a and data != fill_bytes(a["pattern"], off, len(data)):
-        s.log(f"Pattern verification failed at offset {off}, {len(data)} bytes")
-    s.log(f"read {len(data)}/{length} bytes at offset {off}")
-    s.log(timing_line(len(data), dt))
+    n, dt = done
+    data = buf[:n]
+    if "pattern" in a and data != fill_bytes(a["pattern"], off, n):
+        s.log(f"Pattern verification failed at offset {off}, {n} bytes")
+    s.log(f"read {n}/{length} bytes at offset {off}")
+    s.log(timing_line(n, dt))
 
 
 @step("disk-usage")

@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ SUITE = re.compile(
     r"^(buster|bullseye|bookworm|trixie|forky|sid|oldstable|stable|testing|unstable)"
     r"(-updates|-backports)?$"
 )
+
+
+APT_BOUND = 900.0  # an update or a kernel download (~100 MB)
 
 
 class AptError(RuntimeError):
@@ -114,7 +118,9 @@ class PrivateApt:
     def _env(self) -> dict[str, str]:
         return {**os.environ, "APT_CONFIG": str(self.root / "apt.conf")}
 
-    def update(self) -> None:
+    def update(self, max_age: float = 0.0) -> None:
+        """Configure the private state and fetch the package lists, unless
+        lists from the same sources are younger than max_age seconds."""
         uri, key = mirror()
         a = self.root
         for d in ("lists/partial", "cache", "parts", "prefs", "debs"):
@@ -128,9 +134,12 @@ class PrivateApt:
         except KeyError:
             pass
         signed = f"[signed-by={key}] " if key and os.access(key, os.R_OK) else ""
-        (a / "sources.list").write_text(
-            "".join(f"deb {signed}{uri} {s} main\n" for s in self.suites)
-        )
+        sources = "".join(f"deb {signed}{uri} {s} main\n" for s in self.suites)
+        stamp = a / "lists" / ".updated"
+        fresh = stamp.exists() and time.time() - stamp.stat().st_mtime < max_age
+        if fresh and stamp.read_text() == sources:
+            return
+        (a / "sources.list").write_text(sources)
         # Only the host's proxy and validity settings carry over; its
         # apt.conf.d hooks stay off this private state.
         dump = subprocess.run(["apt-config", "dump"], capture_output=True, text=True).stdout
@@ -152,9 +161,15 @@ class PrivateApt:
             + "\n"
         )
         self._run(["apt-get", *self._options(), "-qq", "update"])
+        stamp.write_text(sources)
 
     def _run(self, argv: list[str], cwd: Path | None = None) -> str:
-        res = subprocess.run(argv, capture_output=True, text=True, env=self._env(), cwd=cwd)
+        try:
+            res = subprocess.run(
+                argv, capture_output=True, text=True, env=self._env(), cwd=cwd, timeout=APT_BOUND
+            )
+        except subprocess.TimeoutExpired:
+            raise AptError(f"{argv[0]} did not finish within {APT_BOUND:.0f} s") from None
         if res.returncode:
             last = (res.stderr.strip().splitlines() or ["?"])[-1]
             raise AptError(f"{argv[0]} {' '.join(a for a in argv[1:] if not a.startswith('-'))}"

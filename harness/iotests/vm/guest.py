@@ -18,6 +18,7 @@ import time
 
 MARKER = "VM-GUEST-UP"
 IMPORT_PROBE = "import harness.iotests.check"
+IMPORT_BOUND = 600.0  # ~0.2 s on the host, ~10 s under TCG
 
 
 def import_time(python: str = sys.executable) -> float:
@@ -25,7 +26,7 @@ def import_time(python: str = sys.executable) -> float:
     best = float("inf")
     for _ in range(3):
         t0 = time.monotonic()
-        subprocess.run([python, "-c", IMPORT_PROBE], check=True)
+        subprocess.run([python, "-c", IMPORT_PROBE], check=True, timeout=IMPORT_BOUND)
         best = min(best, time.monotonic() - t0)
     return best
 

@@ -33,6 +33,12 @@ _IMAGE = re.compile(
 )
 
 
+SERIES = r"[0-9]+\.[0-9]+"  # 6.1: the newest package of the series
+# A series is looked up again in package lists at most this old: a new stable
+# update shows up within a day, and a run does not touch the network each time.
+LISTS_MAX_AGE = 24 * 3600.0
+
+
 class KernelError(RuntimeError):
     """A kernel that cannot be had; str() is one line."""
 
@@ -83,16 +89,17 @@ def resolve(spec: str) -> Kernel:
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "kernels.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch at a time
-        for done in sorted((CACHE / "kernels").glob("*/.complete")):
-            if _matches(spec, done.parent.name) and spec.count(".") >= 2:
-                return _cached(done.parent)  # an exact version fetched before: no network
+        if not re.fullmatch(SERIES, spec):  # an exact version fetched before: no network
+            for done in sorted((CACHE / "kernels").glob("*/.complete")):
+                if _matches(spec, done.parent.name):
+                    return _cached(done.parent)
         return _fetch(spec)
 
 
 def _fetch(spec: str) -> Kernel:
     apt = _apt()
     try:
-        apt.update()
+        apt.update(max_age=LISTS_MAX_AGE)
         images = apt.packages(r"linux-image-[0-9].*-amd64(-unsigned)?")
     except AptError as e:
         raise KernelError(f"--kernel {spec}: {e}") from None

@@ -5,8 +5,9 @@ read-only over 9p and this repository writable, so the guest runs the
 project's own venv and writes its results straight into results/ here.
 Its lines stream out live; the host adds the boot time and the total time
 (vm.json beside the guest's report.json).  The VM is an adopted child of
-this run (its cgroup, a parent-death signal, its own process group), so
-Ctrl-C, SIGTERM or a SIGKILL of tools/check leaves no QEMU behind.
+this run (its cgroup, its own process group): Ctrl-C or SIGTERM of
+tools/check stop it, and after a SIGKILL the next run (or --cleanup) kills
+what is left through the run's cgroup.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,16 +34,11 @@ from .guest import MARKER, import_time
 from .kernels import CACHE, Kernel
 
 VNG = REPO / ".venv" / "bin" / "vng"
-ACCELS = ("auto", "kvm", "tcg")
 KVM_PROBE = 60.0  # a boot that works takes ~10 s; a paravirtual KVM hangs (scaled)
 BOOT_BOUND = 600.0  # from starting QEMU to the guest's first line (~20 s under TCG)
 IDLE_BOUND = 1800.0  # between two lines of the guest's run (an instance under TCG)
 EXIT_BOUND = 60.0  # from the end of the guest's output to QEMU's exit
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class VmError(RuntimeError):
-    """The VM could not be run at all; str() is one line."""
 
 
 @dataclass
@@ -133,12 +128,8 @@ def choose_accel(kernel: Kernel, accel: str, say: TextIO) -> str:
 
 def _kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     """The VM (vng and its QEMU) is one process group of ours: end it all."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    runs.kill_group(proc.pid)
+    proc.wait(runs.REAP_TIMEOUT)
 
 
 def run_check(
