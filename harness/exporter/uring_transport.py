@@ -26,8 +26,9 @@ from typing import Any
 
 from ..kernel import abi
 from ..kernel.errnos import errno_name
-from ..kernel.ring import Ring
+from ..kernel.ring import IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, Ring
 from ..layout import possible_cpu_ids
+from .affinity import FollowClient
 from .faults import FaultInjector
 from .protocol import ExportHandler, Request
 from .transport import DEFERRED, ConnectionGone, DevFuseChannel, Queue
@@ -100,6 +101,7 @@ class RingQueue(Queue):
         self.entries: list[Entry] = []
         self.ring: Ring | None = None
         self._channel: DevFuseChannel | None = None
+        self.affinity = FollowClient([], set())
 
     # -- set-up (in the queue thread) -------------------------------------
 
@@ -143,16 +145,16 @@ class RingQueue(Queue):
     # -- serving ------------------------------------------------------------
 
     def serve(self) -> None:
-        # Run where the requests come from: the kernel routes a request to
-        # the ring queue of its task's CPU, so a thread on that CPU is woken
-        # without a cross-CPU hop (as libfuse pins its ring threads).
         try:
-            ids = possible_cpu_ids()
-            cpus = {ids[q] for q in self.qids} & os.sched_getaffinity(0)
-            if cpus:
-                os.sched_setaffinity(0, cpus)
+            self.affinity = FollowClient(possible_cpu_ids(), os.sched_getaffinity(0))
             self._allocate()
-            self.ring = Ring(ring_entries(len(self.entries)))
+            # Task work (each request's completion) runs only when this
+            # thread asks for completions, not as an interrupt of whatever it
+            # is doing: the kernel's recommended mode for one issuer thread.
+            self.ring = Ring(
+                ring_entries(len(self.entries)),
+                setup_flags=IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+            )
             for e in self.entries:
                 self._submit_cmd(e, abi.FUSE_IO_URING_CMD_REGISTER)
             self.ring.prep_poll_add(self.wake_fd, select.POLLIN, _WAKE)
@@ -175,11 +177,15 @@ class RingQueue(Queue):
     def _loop(self) -> None:
         ring = self.ring
         assert ring is not None
+        entries, affinity = self.entries, self.affinity
         while not self.stopping.is_set() or self._collecting():
             ring.submit_and_wait(1)
+            requests, qid = 0, 0
             for user_data, res, _ in ring.completions():
                 if user_data < _WAKE:
-                    self._entry_done(self.entries[user_data], res)
+                    e = entries[user_data]
+                    requests, qid = requests + 1, e.qid
+                    self._entry_done(e, res)
                 elif user_data == _WAKE:
                     self.drain_wake_fd()
                     self.run_ready()
@@ -188,6 +194,7 @@ class RingQueue(Queue):
                     self._dev_ready(res)
                 if self.stopping.is_set() and not self._collecting():
                     return
+            affinity.observe(requests, qid)
 
     def _collecting(self) -> bool:
         """Unmounted: the kernel completes every entry with -ENOTCONN at once
@@ -218,14 +225,13 @@ class RingQueue(Queue):
             raise RingHalted(f"{name} on qid {e.qid} failed: {errno_name(err)}: {os.strerror(err)}")
         e.retries = 0
         hdr = e.header
-        _, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(hdr)
-        _, commit_id, payload_sz, _, _ = abi.URING_ENT_IN_OUT.unpack_from(
-            hdr, abi.URING_ENT_IN_OUT_OFFSET
-        )
+        (_, opcode, unique, nodeid, uid, gid, pid, _, _,
+         _, commit_id, payload_sz, _, _) = abi.URING_REQUEST.unpack_from(hdr)  # fmt: skip
         if commit_id == 0:
             raise RingHalted(f"request on qid {e.qid} has commit_id 0")
         e.commit_id = commit_id
         self.per_qid[e.qid] += 1
+        # Views of the entry's own buffers: no copy, valid until the commit.
         op_in = hdr[abi.URING_OP_IN_OFFSET : abi.URING_ENT_IN_OUT_OFFSET]
         req = Request(opcode, unique, nodeid, uid, gid, pid, op_in, e.payload[:payload_sz])
         result = self.dispatch(req, e.payload, e)
@@ -242,9 +248,8 @@ class RingQueue(Queue):
             return
         e: Entry = token
         n = max(result, 0)
-        abi.OUT_HEADER.pack_into(e.header, 0, abi.OUT_HEADER.size + n, min(result, 0), unique)
-        abi.URING_ENT_IN_OUT.pack_into(
-            e.header, abi.URING_ENT_IN_OUT_OFFSET, 0, e.commit_id, n, 0, 0
+        abi.URING_REPLY.pack_into(
+            e.header, 0, abi.OUT_HEADER.size + n, min(result, 0), unique, 0, e.commit_id, n, 0, 0
         )
         self._submit_cmd(e, abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
 
@@ -269,4 +274,5 @@ class RingQueue(Queue):
     def stats(self) -> dict[str, Any]:
         s = super().stats()
         s["ring-queues"] = [{"qid": q, "requests": n} for q, n in self.per_qid.items()]
+        s["affinity-changes"] = self.affinity.changes
         return s

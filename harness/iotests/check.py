@@ -188,11 +188,11 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _terminate(signum: int, _frame: object) -> None:
+def terminate(signum: int, _frame: object) -> None:
     raise Terminated(signum)
 
 
-def _ignore_signals() -> None:
+def ignore_signals() -> None:
     """While cleaning up after one signal, a second must not cut it short."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -200,11 +200,11 @@ def _ignore_signals() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+        signal.signal(sig, terminate)
     try:
         return _main(argv)
     except KeyboardInterrupt as e:
-        _ignore_signals()
+        ignore_signals()
         cleanup_live()
         for line in TRACKER.cleanup_all().failed:
             print(f"cleanup: {line}", file=sys.stderr)
@@ -391,7 +391,7 @@ def _run_all(
         for ev in finished:
             ev.wait()
     except KeyboardInterrupt:
-        _ignore_signals()
+        ignore_signals()
         stop.set()
         cleanup_live()
         deadline = time.monotonic() + INTERRUPT_JOIN

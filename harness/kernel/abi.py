@@ -216,6 +216,13 @@ URING_HEADER_SIZE = 288  # struct fuse_uring_req_header
 URING_IN_OUT_SIZE = 128
 URING_OP_IN_OFFSET = 128
 URING_ENT_IN_OUT_OFFSET = 256
+# The header's two halves a request is read from (in_out as fuse_in_header,
+# ent_in_out) and a reply written to (in_out as fuse_out_header, ent_in_out),
+# each in one call: the ring queue's hot path.  op_in lies in the gap, which
+# the reply's pack zero-fills (the kernel reads only in_out and ent_in_out
+# back on COMMIT_AND_FETCH).
+URING_REQUEST = struct.Struct(f"={IN_HEADER.format[1:]}216x{URING_ENT_IN_OUT.format[1:]}")
+URING_REPLY = struct.Struct(f"={OUT_HEADER.format[1:]}240x{URING_ENT_IN_OUT.format[1:]}")
 
 _EXPECTED_SIZES = {
     IN_HEADER: 40,
@@ -233,6 +240,8 @@ _EXPECTED_SIZES = {
     STATFS_OUT: 80,
     URING_ENT_IN_OUT: 32,
     URING_CMD_REQ: 24,
+    URING_REQUEST: URING_HEADER_SIZE,
+    URING_REPLY: URING_HEADER_SIZE,
 }
 for _s, _size in _EXPECTED_SIZES.items():
     assert _s.size == _size, (_s.format, _s.size, _size)

@@ -1,0 +1,75 @@
+"""Where a ring queue thread runs: next to its client, or anywhere.
+
+The kernel routes a FUSE-over-io_uring request to the ring queue of the CPU
+its task runs on.  libfuse pins each ring thread to that CPU, which is right
+for a C server: the reply costs little next to a cross-CPU wakeup.  A Python
+server spends several microseconds per request, so one pinning does not fit
+every load (measured with tools/bench --profile on 2 vCPUs):
+
+- one request at a time from one CPU (a synchronous client): running on the
+  client's CPU turns two cross-CPU wakeups per request into two switches on
+  one CPU, 2-3x the IOPS;
+- requests in batches (a deep queue) or from several CPUs: pinned, the
+  server competes with its own client for one CPU while another idles; free
+  to move, the scheduler runs it beside the client instead.
+
+So the thread follows its load.  The decision uses what each wakeup brings
+(how many requests, from which ring queues) and has hysteresis, so it
+changes affinity rarely: sched_setaffinity() is a syscall that may migrate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# Exponentially weighted batch size: above BATCHED the thread roams, below
+# SINGLE (and one source CPU) it pins; in between nothing changes.
+WEIGHT = 0.1
+BATCHED = 3.0
+SINGLE = 1.5
+SAME_SOURCE = 2
+
+
+@dataclass
+class FollowClient:
+    """Affinity policy of one ring queue thread (used from that thread only)."""
+
+    cpu_of_qid: list[int]  # possible CPU id of each ring queue
+    allowed: set[int]  # what the process may use; "roaming" means all of it
+    apply: Callable[[set[int]], None] = field(default=lambda cpus: os.sched_setaffinity(0, cpus))
+    batch: float = 1.0
+    pinned_to: int | None = None
+    changes: int = 0
+    _last_qid: int = -1
+    _same: int = 0  # wakeups in a row whose last request came from _last_qid
+
+    def observe(self, requests: int, qid: int) -> None:
+        """One wakeup brought `requests` requests; `qid` is the last one's."""
+        if requests <= 0:
+            return
+        self.batch += WEIGHT * (requests - self.batch)
+        if qid == self._last_qid:
+            self._same += 1
+        else:
+            self._last_qid, self._same = qid, 0
+        # Three wakeups in a row from one CPU: one client there (one that
+        # migrates is followed; clients on two CPUs keep the thread roaming).
+        one_source = self._same >= SAME_SOURCE
+        cpu = self.cpu_of_qid[qid]
+        if self.batch < SINGLE and one_source and cpu in self.allowed:
+            if self.pinned_to != cpu:
+                self._set({cpu})
+                self.pinned_to = cpu
+        elif self.pinned_to is not None and (self.batch > BATCHED or not one_source):
+            self._set(self.allowed)
+            self.pinned_to = None
+
+    def _set(self, cpus: set[int]) -> None:
+        self.changes += 1
+        try:
+            self.apply(cpus)
+        except OSError:
+            # A CPU went offline meanwhile: stay where we are.
+            pass

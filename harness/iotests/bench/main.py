@@ -1,0 +1,368 @@
+"""tools/bench: the seed's fio matrix, repeated and interleaved across exporters.
+
+    tools/bench [--repeat N] [--runtime S] [--cells A,B] [--queues N]
+                [--startup N] [--no-qsd] [--json FILE] [--plot FILE.png|svg]
+
+Every exporter (our classic and io_uring transports, QSD 7.2, QSD 11.1 with
+one and with N iothreads) is mounted for the whole run.  Each repetition runs
+every cell on every exporter, the exporters' order rotating between
+repetitions, so machine noise hits all alike; io_uring/classic is taken per
+repetition (a paired ratio) and summarised by its median.  Progress goes to
+stderr; figures to stdout, whose last line stays
+"io_uring/classic IOPS: r1 r2 r3 r4".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ...kernel.params import ensure_uring, kernel_lock, read_enable_uring, restore_enable_uring
+from .. import fingerprint
+from ..check import Terminated, ignore_signals, terminate
+from ..lifecycle import TRACKER, ExporterProcess
+from ..runs import RUN, reap_stale
+from . import fio, plot, startup
+from .fio import BenchError, Cell, Sample
+from .peers import Peer, PeerSet, collect
+from .stats import Spread, paired_ratios, rotate
+
+SETTLE = 0.5  # estimated seconds per fio run beyond runtime + ramp, for the ETA
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeat", type=int, default=5, help="repetitions per cell (default 5)")
+    p.add_argument("--runtime", type=float, default=5, help="seconds per fio run (default 5)")
+    p.add_argument("--cells", help=f"comma-separated (default {','.join(fio.CELL_NAMES)})")
+    p.add_argument("--queues", type=int, default=2, help="our queue threads (default 2)")
+    p.add_argument(
+        "--qsd-iothreads",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="iothreads of the multi-queue QSD 11.1 row (default: CPUs)",
+    )
+    p.add_argument(
+        "--startup",
+        type=int,
+        default=20,
+        metavar="N",
+        help="start/stop latency samples per exporter (default 20; 0: none)",
+    )
+    p.add_argument("--no-qsd", action="store_true", help="only our two transports")
+    p.add_argument("--json", type=Path, metavar="FILE", help="every sample and the fingerprint")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="a PNG or SVG figure")
+    ns = p.parse_args(argv)
+    if ns.repeat < 1 or ns.runtime <= 0 or ns.queues < 1 or ns.startup < 0:
+        p.error("--repeat, --runtime and --queues must be positive, --startup >= 0")
+    if ns.plot and ns.plot.suffix.lower() not in (".png", ".svg"):
+        p.error(f"--plot {ns.plot}: the file must end in .png or .svg")
+    for f in (ns.json, ns.plot):
+        if f is not None and not f.resolve().parent.is_dir():
+            p.error(f"{f}: no directory {f.resolve().parent}")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
+    initial = read_enable_uring()
+    try:
+        return _main(parse_args(argv))
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        ignore_signals()
+        _cleanup()
+        left = RUN.leftovers()
+        if left:
+            print(f"\nInterrupted; NOT removed: {', '.join(left)}", file=sys.stderr)
+        else:
+            print("\nInterrupted; exporters and mounts of this run were removed.", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        restore_enable_uring(initial)
+
+
+def _cleanup() -> None:
+    for line in TRACKER.cleanup_all().failed:
+        print(f"cleanup: {line}", file=sys.stderr)
+
+
+@dataclass
+class Progress:
+    """stderr lines: which cell, which exporter, repetition k/N, time left."""
+
+    total_runs: int
+    runtime: float
+    startup_runs: int
+    done: int = 0
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+
+    def left(self) -> float:
+        if self.done:
+            per_run = (time.monotonic() - self.started) / self.done
+        else:
+            per_run = self.runtime + fio.RAMP + SETTLE
+        return per_run * (self.total_runs - self.done) + 0.6 * self.startup_runs
+
+    def say(self, text: str) -> None:
+        m, s = divmod(int(self.left()), 60)
+        print(f"bench: {text} (about {m}m{s:02d}s left)", file=sys.stderr, flush=True)
+
+
+def _thread_counters(pid: int) -> tuple[int, int, int, int]:
+    """utime, stime (clock ticks), voluntary and involuntary switches of
+    every thread of pid, summed."""
+    ut = st = vcs = ivcs = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue  # a thread that just ended
+        ut, st = ut + int(fields[11]), st + int(fields[12])
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                vcs += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                ivcs += int(line.split()[1])
+    return ut, st, vcs, ivcs
+
+
+def measure(cell: Cell, peer: Peer, exp: ExporterProcess, runtime: float) -> dict[str, Any]:
+    """One fio run; the exporter's CPU time and switches per I/O beside it."""
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    before = _thread_counters(exp.pid)
+    sample: Sample = fio.run_cell(cell, exp.mountpoint, runtime)
+    after = _thread_counters(exp.pid)
+    ut, st, vcs, ivcs = (a - b for a, b in zip(after, before, strict=True))
+    # The counters span fio's ramp too, which fio does not count in its
+    # I/Os: estimate those at the measured rate.
+    ios = max(sample.iops * (runtime + fio.RAMP), 1.0)
+    return {
+        **asdict(sample),
+        "cpu_user_us": ut * tick_us / ios,
+        "cpu_sys_us": st * tick_us / ios,
+        "cpu_us": (ut + st) * tick_us / ios,
+        "vcsw": vcs / ios,
+        "ivcsw": ivcs / ios,
+    }
+
+
+@contextlib.contextmanager
+def _exports(peers: list[Peer], root: Path) -> Iterator[dict[str, ExporterProcess]]:
+    """Every peer's export, mounted for the whole measurement."""
+    live: dict[str, ExporterProcess] = {}
+    try:
+        for p in peers:
+            workdir = root / p.label
+            workdir.mkdir()
+            mp = workdir / "null.fuse"
+            mp.touch()
+            live[p.label] = p.target.exporter(workdir, mp, None, p.settings).start()
+        yield live
+        for exp in live.values():
+            exp.stop()
+    finally:
+        _cleanup()
+
+
+def _main(ns: argparse.Namespace) -> int:
+    for line in reap_stale():
+        print(line, file=sys.stderr)
+    if shutil.which("fio") is None:
+        raise BenchError("fio is not installed (tools/setup installs it)")
+    cells = fio.load_cells(ns.cells.split(",") if ns.cells else None)
+    uring_problem = ensure_uring()
+    with kernel_lock(exclusive=False):
+        peers = collect(ns.queues, uring_problem, not ns.no_qsd, ns.qsd_iothreads)
+        for note in peers.skipped:
+            print(f"bench: not run: {note}", file=sys.stderr)
+        fp = fingerprint.collect(list({p.target.label: p.target for p in peers.peers}.values()))
+        root = Path(tempfile.mkdtemp(prefix="fuse-iotests-bench-"))
+        RUN.add_dir(root)
+        try:
+            report = _run(ns, cells, peers, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    report["fingerprint"] = fp
+    _print(report)
+    if ns.json:
+        ns.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"bench: wrote {ns.json}", file=sys.stderr)
+    if ns.plot:
+        plot.draw(report, ns.plot)
+        print(f"bench: wrote {ns.plot}", file=sys.stderr)
+    print(last_line(report))
+    return 0
+
+
+def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) -> dict[str, Any]:
+    t0 = time.monotonic()
+    runs = ns.repeat * len(cells) * len(peers.peers)
+    progress = Progress(runs, ns.runtime, ns.startup * len(peers.peers))
+    samples: list[dict[str, Any]] = []
+    with _exports(peers.peers, root) as live:
+        for rep in range(ns.repeat):
+            for ci, cell in enumerate(cells):
+                for order, peer in enumerate(rotate(peers.peers, rep + ci)):
+                    progress.say(f"{cell.label} {peer.label} repetition {rep + 1}/{ns.repeat}")
+                    m = measure(cell, peer, live[peer.label], ns.runtime)
+                    samples.append(
+                        {"rep": rep, "cell": cell.name, "peer": peer.label, "order": order, **m}
+                    )
+                    progress.done += 1
+    latencies: dict[str, list[startup.Latency]] = {p.label: [] for p in peers.peers}
+    for i in range(ns.startup):
+        progress.say(f"start-up latency {i + 1}/{ns.startup}")
+        for peer in rotate(peers.peers, i):
+            latencies[peer.label].append(startup.measure(peer, root))
+    return build_report(ns, cells, peers, samples, latencies, time.monotonic() - t0)
+
+
+def build_report(
+    ns: argparse.Namespace,
+    cells: list[Cell],
+    peers: PeerSet,
+    samples: list[dict[str, Any]],
+    latencies: dict[str, list[startup.Latency]],
+    duration: float,
+) -> dict[str, Any]:
+    labels = peers.labels()
+
+    def series(cell: str, peer: str, key: str) -> list[float]:
+        rows = sorted(
+            (s for s in samples if s["cell"] == cell and s["peer"] == peer), key=lambda s: s["rep"]
+        )
+        return [s[key] for s in rows]
+
+    summary = {
+        c.name: {
+            p: {
+                k: Spread.of(series(c.name, p, k)).as_dict()
+                for k in ("iops", "lat_us", "p99_us", "cpu_us", "vcsw")
+            }
+            for p in labels
+        }
+        for c in cells
+    }
+    versus: dict[str, dict[str, Any]] = {}
+    if "io_uring" in labels:
+        for other in (p for p in labels if p != "io_uring"):
+            versus[other] = {}
+            for c in cells:
+                r = paired_ratios(series(c.name, "io_uring", "iops"), series(c.name, other, "iops"))
+                versus[other][c.name] = {**Spread.of(r).as_dict(), "values": r}
+    report: dict[str, Any] = {
+        "version": 1,
+        "repeat": ns.repeat,
+        "runtime": ns.runtime,
+        "queues": ns.queues,
+        "duration_s": round(duration, 1),
+        "cells": [
+            {**asdict(c), "jobfile": str(c.jobfile.relative_to(fio.REPO)), "label": c.label}
+            for c in cells
+        ],
+        "peers": [p.describe() for p in peers.peers],
+        "skipped": peers.skipped,
+        "samples": samples,
+        "summary": summary,
+        "ratios": versus.get("classic", {}),
+        "ratios_vs": versus,
+        "startup": {
+            p: {
+                "start_ms": Spread.of([x.start_ms for x in v]).as_dict(),
+                "stop_ms": Spread.of([x.stop_ms for x in v]).as_dict(),
+                "samples": [asdict(x) for x in v],
+            }
+            for p, v in latencies.items()
+            if v
+        },
+    }
+    return report
+
+
+def _fmt(s: dict[str, Any], digits: int = 0) -> str:
+    return f"{s['median']:.{digits}f} [{s['low']:.{digits}f}-{s['high']:.{digits}f}]"
+
+
+def _table(report: dict[str, Any], key: str, title: str, digits: int = 0) -> None:
+    cells = report["cells"]
+    labels = [p["label"] for p in report["peers"]]
+    width = max(
+        len(_fmt(report["summary"][c["name"]][p][key], digits)) for c in cells for p in labels
+    )
+    width = max(width, *(len(c["label"]) for c in cells))
+    name_w = max(len(x) for x in labels)
+    print(f"\n{title}")
+    print(f"{'':<{name_w}}" + "".join(f" | {c['label']:>{width}}" for c in cells))
+    for p in labels:
+        row = "".join(
+            f" | {_fmt(report['summary'][c['name']][p][key], digits):>{width}}" for c in cells
+        )
+        print(f"{p:<{name_w}}{row}")
+
+
+def _print(report: dict[str, Any]) -> None:
+    for line in fingerprint.format_lines(report["fingerprint"]):
+        print(line)
+    peers = report["peers"]
+    print(
+        f"\nfio randrw 70/30 bs=4k libaio direct=1 on a null-co 1G export; {report['repeat']} "
+        f"repetitions, exporters interleaved (rotating order), {report['runtime']:g}s per run "
+        f"after 1s ramp; run took {report['duration_s']:.0f}s"
+    )
+    for p in peers:
+        print(f"  {p['label']:<14} {p['target']} {p['transport']}, {p['queues']} queue(s)")
+    for note in report["skipped"]:
+        print(f"  not run: {note}")
+    n = report["repeat"]
+    _table(report, "iops", f"IOPS, median [min-max] of {n}")
+    _table(report, "lat_us", f"mean completion latency (us), median [min-max] of {n}", 1)
+    p99 = f"99th percentile latency, submit to completion (us), median [min-max] of {n}"
+    _table(report, "p99_us", p99)
+    _table(report, "cpu_us", "exporter CPU time per I/O (us, user+sys, all threads)", 1)
+    _table(report, "vcsw", "exporter voluntary context switches per I/O", 2)
+    for other, per_cell in report["ratios_vs"].items():
+        print(f"\nio_uring/{other} IOPS, paired per repetition: median [min-max] (each)")
+        for cell, r in per_cell.items():
+            each = " ".join(f"{v:.2f}" for v in r["values"])
+            print(f"  {cell:<11} {_fmt(r, 2)}   ({each})")
+    if report["startup"]:
+        print("\nexport latency (ms), median [min-max]: start -> first read; stop -> mount gone")
+        for p, v in report["startup"].items():
+            n_s = v["start_ms"]["n"]
+            print(
+                f"  {p:<14} start {_fmt(v['start_ms'], 1):>22}   "
+                f"stop {_fmt(v['stop_ms'], 1):>22}   (n={n_s})"
+            )
+
+
+def last_line(report: dict[str, Any]) -> str:
+    ratios = report["ratios"]
+    if not ratios:
+        return "io_uring/classic IOPS: not run"
+    return "io_uring/classic IOPS: " + "  ".join(f"{r['median']:.2f}" for r in ratios.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The exporters a bench run compares, each with the settings it runs with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...options import Settings
+from ..targets import Target, TargetError, resolve
+
+# A null-co export: the figures measure the FUSE path, not a disk.
+NULL_SIZE = "1G"
+
+
+@dataclass(frozen=True)
+class Peer:
+    label: str  # the row name: classic, io_uring, qsd-7.2, qsd-11.1, qsd-11.1-mq2
+    target: Target
+    settings: Settings
+    transport: str  # dev-fuse or io-uring
+    queues: int
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "label": self.label,
+            "target": self.target.label,
+            "version": self.target.version,
+            "transport": self.transport,
+            "queues": self.queues,
+            "argv": self.settings.argv(),
+        }
+
+
+@dataclass
+class PeerSet:
+    peers: list[Peer] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "label: reason"
+
+    def labels(self) -> list[str]:
+        return [p.label for p in self.peers]
+
+
+def _base(queues: int) -> Settings:
+    return Settings().with_({"null-size": NULL_SIZE, "writable": True, "queues": queues})
+
+
+def _short(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerSet:
+    """Our two transports with `queues` queue threads; then QSD 7.2 (one
+    queue, its only mode) and QSD 11.1 with one and with `mq` iothreads."""
+    out = PeerSet()
+    reference = resolve("reference")
+    classic = _base(queues)
+    out.peers.append(Peer("classic", reference, classic, "dev-fuse", queues))
+    if uring_problem:
+        out.skipped.append(f"io_uring: {uring_problem}")
+    else:
+        uring = classic.with_({"io-uring": "on"})
+        out.peers.append(Peer("io_uring", reference, uring, "io-uring", queues))
+    if not qsd:
+        return out
+    # allow-other off: QSD's default (auto) would try it and need fuse.conf.
+    single = _base(1).with_({"allow-other": "off"})
+    for name in ("qsd", "qsd-11.1"):
+        try:
+            t = resolve(name)
+        except TargetError as e:
+            out.skipped.append(f"{name}: {e}")
+            continue
+        label = f"qsd-{_short(t.version)}"
+        out.peers.append(Peer(label, t, single, "dev-fuse", 1))
+        if mq > 1:
+            multi = single.with_({"queues": mq})
+            problem = t.settings_problem(multi)
+            if problem:
+                out.skipped.append(f"{label}-mq{mq}: {problem}")
+            else:
+                out.peers.append(Peer(f"{label}-mq{mq}", t, multi, "dev-fuse", mq))
+    return out
