@@ -107,11 +107,11 @@ def test_follow_client_pins_for_one_synchronous_client() -> None:
     applied: list[set[int]] = []
     a = FollowClient([0, 1], {0, 1}, apply=applied.append)
     for _ in range(SAME_SOURCE + 1):
-        a.observe(1, 1)
+        a.observe(1, 1, 100)
     assert applied == [{1}] and a.pinned_to == 1
     # Requests pile up: roam again, once.
     for _ in range(30):
-        a.observe(8, 1)
+        a.observe(8, 1, 100)
     assert applied == [{1}, {0, 1}] and a.pinned_to is None
 
 
@@ -119,12 +119,16 @@ def test_follow_client_roams_for_clients_on_several_cpus() -> None:
     applied: list[set[int]] = []
     a = FollowClient([0, 1], {0, 1}, apply=applied.append)
     for k in range(50):
-        a.observe(1, k % 2)
+        a.observe(1, k % 2, 100)
+    assert applied == [] and a.pinned_to is None
+    # Two clients on one CPU taking turns: roaming too.
+    for k in range(200):
+        a.observe(1, 0, 100 + k % 2)
     assert applied == [] and a.pinned_to is None
     # Never pins outside what the process may use.
     b = FollowClient([0, 1], {0}, apply=applied.append)
     for _ in range(10):
-        b.observe(1, 1)
+        b.observe(1, 1, 100)
     assert applied == [] and b.pinned_to is None
 
 

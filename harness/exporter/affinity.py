@@ -9,12 +9,12 @@ every load (measured with tools/bench --profile on 2 vCPUs):
 - one request at a time from one CPU (a synchronous client): running on the
   client's CPU turns two cross-CPU wakeups per request into two switches on
   one CPU, 2-3x the IOPS;
-- requests in batches (a deep queue) or from several CPUs: pinned, the
-  server competes with its own client for one CPU while another idles; free
-  to move, the scheduler runs it beside the client instead.
+- requests in batches (a deep queue) or from several clients: pinned, the
+  server competes with its clients for one CPU while another idles; free
+  to move, the scheduler runs it beside them instead.
 
 So the thread follows its load.  The decision uses what each wakeup brings
-(how many requests, from which ring queues) and has hysteresis, so it
+(how many requests, from which task on which CPU) and has hysteresis, so it
 changes affinity rarely: sched_setaffinity() is a syscall that may migrate.
 """
 
@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Exponentially weighted batch size: above BATCHED the thread roams, below
-# SINGLE (and one source CPU) it pins; in between nothing changes.
+# SINGLE (and one client) it pins; in between nothing changes.
 WEIGHT = 0.1
 BATCHED = 3.0
 SINGLE = 1.5
-SAME_SOURCE = 2
+SAME_SOURCE = 32  # lower flapped between two clients that take turns
 
 
 @dataclass
@@ -42,27 +42,30 @@ class FollowClient:
     batch: float = 1.0
     pinned_to: int | None = None
     changes: int = 0
-    _last_qid: int = -1
-    _same: int = 0  # wakeups in a row whose last request came from _last_qid
+    _last: tuple[int, int] = (-1, -1)  # (qid, pid) of the last request
+    _same: int = 0  # wakeups in a row whose last request came from _last
 
-    def observe(self, requests: int, qid: int) -> None:
-        """One wakeup brought `requests` requests; `qid` is the last one's."""
+    def observe(self, requests: int, qid: int, pid: int) -> None:
+        """One wakeup brought `requests` requests; the last one came from
+        task `pid` on the CPU of ring queue `qid`."""
         if requests <= 0:
             return
         self.batch += WEIGHT * (requests - self.batch)
-        if qid == self._last_qid:
+        if (qid, pid) == self._last:
             self._same += 1
         else:
-            self._last_qid, self._same = qid, 0
-        # Three wakeups in a row from one CPU: one client there (one that
-        # migrates is followed; clients on two CPUs keep the thread roaming).
-        one_source = self._same >= SAME_SOURCE
+            self._last, self._same = (qid, pid), 0
+        # Wakeups in a row from one task on one CPU: a synchronous client
+        # (followed when it migrates).  Several clients, even on one CPU,
+        # keep the thread roaming: pinned beside them it would compete with
+        # them for that CPU while another idles.
+        one_client = self._same >= SAME_SOURCE
         cpu = self.cpu_of_qid[qid]
-        if self.batch < SINGLE and one_source and cpu in self.allowed:
+        if self.batch < SINGLE and one_client and cpu in self.allowed:
             if self.pinned_to != cpu:
                 self._set({cpu})
                 self.pinned_to = cpu
-        elif self.pinned_to is not None and (self.batch > BATCHED or not one_source):
+        elif self.pinned_to is not None and (self.batch > BATCHED or not one_client):
             self._set(self.allowed)
             self.pinned_to = None
 

@@ -180,12 +180,12 @@ class RingQueue(Queue):
         entries, affinity = self.entries, self.affinity
         while not self.stopping.is_set() or self._collecting():
             ring.submit_and_wait(1)
-            requests, qid = 0, 0
+            requests, qid, pid = 0, 0, 0
             for user_data, res, _ in ring.completions():
                 if user_data < _WAKE:
                     e = entries[user_data]
+                    pid = self._entry_done(e, res)
                     requests, qid = requests + 1, e.qid
-                    self._entry_done(e, res)
                 elif user_data == _WAKE:
                     self.drain_wake_fd()
                     self.run_ready()
@@ -194,7 +194,7 @@ class RingQueue(Queue):
                     self._dev_ready(res)
                 if self.stopping.is_set() and not self._collecting():
                     return
-            affinity.observe(requests, qid)
+            affinity.observe(requests, qid, pid)
 
     def _collecting(self) -> bool:
         """Unmounted: the kernel completes every entry with -ENOTCONN at once
@@ -207,7 +207,8 @@ class RingQueue(Queue):
             return False
         return any(e.in_kernel for e in self.entries)
 
-    def _entry_done(self, e: Entry, res: int) -> None:
+    def _entry_done(self, e: Entry, res: int) -> int:
+        """Serve the request that completed entry e; its task's pid (0: none)."""
         e.in_kernel = False
         if res < 0:
             err = -res
@@ -216,11 +217,11 @@ class RingQueue(Queue):
                 self.conn_gone.set()
                 if not self._collecting():
                     raise ConnectionGone
-                return
+                return 0
             if err in (errno.EINTR, errno.EAGAIN) and e.retries < REGISTER_RETRIES:
                 e.retries += 1
                 self._submit_cmd(e, e.last_cmd)
-                return
+                return 0
             name = abi.URING_CMD_NAMES[e.last_cmd]
             raise RingHalted(f"{name} on qid {e.qid} failed: {errno_name(err)}: {os.strerror(err)}")
         e.retries = 0
@@ -236,10 +237,11 @@ class RingQueue(Queue):
         req = Request(opcode, unique, nodeid, uid, gid, pid, op_in, e.payload[:payload_sz])
         result = self.dispatch(req, e.payload, e)
         if result is DEFERRED:
-            return  # the entry stays ours until the request is released
+            return pid  # the entry stays ours until the request is released
         if result is None:
             result = 0  # a ring request always gets a commit
         self.reply(unique, result, e)  # type: ignore[arg-type]
+        return pid
 
     def reply(self, unique: int, result: int, token: Any) -> None:
         if token is None:  # it came on /dev/fuse

@@ -31,9 +31,10 @@ from typing import Any
 from ...kernel.params import ensure_uring, kernel_lock, read_enable_uring, restore_enable_uring
 from .. import fingerprint
 from ..check import Terminated, ignore_signals, terminate
-from ..lifecycle import TRACKER, ExporterProcess
+from ..lifecycle import TRACKER, ExporterProcess, ExportFailed
 from ..runs import RUN, reap_stale
-from . import fio, plot, startup
+from ..waiting import WaitTimeout
+from . import fio, plot, profile, startup
 from .fio import BenchError, Cell, Sample
 from .peers import Peer, PeerSet, collect
 from .stats import Spread, paired_ratios, rotate
@@ -62,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start/stop latency samples per exporter (default 20; 0: none)",
     )
     p.add_argument("--no-qsd", action="store_true", help="only our two transports")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more run per cell and exporter under perf stat: syscalls, switches per I/O",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="every sample and the fingerprint")
     p.add_argument("--plot", type=Path, metavar="FILE", help="a PNG or SVG figure")
     ns = p.parse_args(argv)
@@ -192,6 +198,8 @@ def _main(ns: argparse.Namespace) -> int:
     if shutil.which("fio") is None:
         raise BenchError("fio is not installed (tools/setup installs it)")
     cells = fio.load_cells(ns.cells.split(",") if ns.cells else None)
+    if ns.profile and (why := profile.problem()):
+        raise BenchError(f"--profile: {why}")
     uring_problem = ensure_uring()
     with kernel_lock(exclusive=False):
         peers = collect(ns.queues, uring_problem, not ns.no_qsd, ns.qsd_iothreads)
@@ -218,7 +226,7 @@ def _main(ns: argparse.Namespace) -> int:
 
 def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) -> dict[str, Any]:
     t0 = time.monotonic()
-    runs = ns.repeat * len(cells) * len(peers.peers)
+    runs = (ns.repeat + ns.profile) * len(cells) * len(peers.peers)
     progress = Progress(runs, ns.runtime, ns.startup * len(peers.peers))
     samples: list[dict[str, Any]] = []
     with _exports(peers.peers, root) as live:
@@ -231,12 +239,28 @@ def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) 
                         {"rep": rep, "cell": cell.name, "peer": peer.label, "order": order, **m}
                     )
                     progress.done += 1
+        profiles: dict[str, dict[str, dict[str, float]]] = {}
+        for cell in cells if ns.profile else []:
+            for peer in peers.peers:
+                progress.say(f"{cell.label} {peer.label} under perf stat")
+                prof = profile.measure(cell, live[peer.label], ns.runtime)
+                profiles.setdefault(cell.name, {})[peer.label] = prof.per_io
     latencies: dict[str, list[startup.Latency]] = {p.label: [] for p in peers.peers}
+    failures: dict[str, list[str]] = {}
     for i in range(ns.startup):
         progress.say(f"start-up latency {i + 1}/{ns.startup}")
         for peer in rotate(peers.peers, i):
-            latencies[peer.label].append(startup.measure(peer, root))
-    return build_report(ns, cells, peers, samples, latencies, time.monotonic() - t0)
+            try:
+                latencies[peer.label].append(startup.measure(peer, root))
+            except (WaitTimeout, ExportFailed, RuntimeError) as e:
+                # A finding, not the end of the run: keep it and go on.
+                first = str(e).splitlines()[0]
+                failures.setdefault(peer.label, []).append(first)
+                progress.say(f"start-up of {peer.label} failed: {first}")
+    report = build_report(ns, cells, peers, samples, latencies, time.monotonic() - t0)
+    report["startup_failures"] = failures
+    report["profile"] = profiles
+    return report
 
 
 def build_report(
@@ -347,6 +371,15 @@ def _print(report: dict[str, Any]) -> None:
         for cell, r in per_cell.items():
             each = " ".join(f"{v:.2f}" for v in r["values"])
             print(f"  {cell:<11} {_fmt(r, 2)}   ({each})")
+    if report.get("profile"):
+        events = list(profile.EVENTS)
+        print("\nper I/O under perf stat (one run each; futex: mostly GIL hand-offs in ours)")
+        for cell, per_peer in report["profile"].items():
+            print(f"  {cell:<14}" + "".join(f"{e:>15}" for e in events))
+            for p, per_io in per_peer.items():
+                print(f"  {p:<14}" + "".join(f"{per_io.get(e, 0.0):>15.2f}" for e in events))
+    for p, lines in report.get("startup_failures", {}).items():
+        print(f"\nstart-up/teardown of {p} FAILED {len(lines)} time(s); first: {lines[0]}")
     if report["startup"]:
         print("\nexport latency (ms), median [min-max]: start -> first read; stop -> mount gone")
         for p, v in report["startup"].items():

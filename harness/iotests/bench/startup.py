@@ -22,7 +22,7 @@ from ..waiting import wait_until
 from .peers import Peer
 
 READ_SIZE = 4096
-BOUND = 30.0  # seconds for one start or one stop, scaled
+BOUND = 10.0  # seconds for one start or one stop, scaled (QSD 11.1 can miss a SIGTERM)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class Reference(Target):
 
 
 def exporter_argv() -> list[str]:
-    return [sys.executable, "-m", "harness.exporter"]
+    return [sys.executable, "-S", "-m", "harness.exporter"]
 
 
 def detect(name: str, binary: str | None) -> Target:
