@@ -15,7 +15,7 @@ from harness.exporter.affinity import SAME_SOURCE, FollowClient
 from harness.iotests.bench import fio
 from harness.iotests.bench.fio import BenchError
 from harness.iotests.bench.stats import Spread, paired_ratios, rotate
-from harness.iotests.lifecycle import REPO
+from harness.iotests.lifecycle import REPO, child_env
 from harness.kernel import abi
 from harness.kernel.mount import mount_table
 
@@ -88,7 +88,11 @@ def test_fio_output_parsed_from_a_real_run(tmp_path: Path) -> None:
 
 
 def test_bad_options_give_one_line_and_mount_nothing(tmp_path: Path) -> None:
-    before = {e.mountpoint for e in mount_table()}
+    # The bench makes its directories (and mounts) under TMPDIR: a private
+    # one must stay empty (the global mount table changes with other tests).
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**child_env(), "TMPDIR": str(scratch)}
     cases = [
         (["--plot", str(tmp_path / "out.gif")], 2, "must end in .png or .svg"),
         (["--json", str(tmp_path / "nodir" / "x.json")], 2, "no directory"),
@@ -96,11 +100,12 @@ def test_bad_options_give_one_line_and_mount_nothing(tmp_path: Path) -> None:
         (["--cells", "qd1-jobs1,nope"], 1, "bench: no cell 'nope'"),
     ]
     for args, code, text in cases:
-        res = subprocess.run([*BENCH, *args], cwd=REPO, capture_output=True, text=True)
+        res = subprocess.run([*BENCH, *args], cwd=REPO, capture_output=True, text=True, env=env)
         assert res.returncode == code, (args, res.stderr)
         assert text in res.stderr.strip().splitlines()[-1], (args, res.stderr)
         assert res.stdout == "", args
-    assert {e.mountpoint for e in mount_table()} == before
+    assert list(scratch.iterdir()) == []
+    assert not [e for e in mount_table() if str(scratch) in e.mountpoint]
 
 
 def test_follow_client_pins_for_one_synchronous_client() -> None:
@@ -152,25 +157,8 @@ def test_a_short_real_run_writes_every_sample(tmp_path: Path) -> None:
     (repetition, exporter), the plot is written, and the last stdout line is
     the ratio line scripts read."""
     out, png = tmp_path / "out.json", tmp_path / "out.png"
-    args = [
-        "--no-qsd",
-        "--repeat",
-        "2",
-        "--runtime",
-        "1",
-        "--cells",
-        "qd1-jobs1",
-        "--startup",
-        "2",
-        "--json",
-        str(out),
-    ]
-    try:
-        import matplotlib  # noqa: F401
-
-        args += ["--plot", str(png)]
-    except ImportError:
-        png = None
+    args = ["--no-qsd", "--repeat", "2", "--runtime", "1", "--cells", "qd1-jobs1"]
+    args += ["--startup", "2", "--json", str(out), "--plot", str(png)]
     res = subprocess.run([*BENCH, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -188,5 +176,4 @@ def test_a_short_real_run_writes_every_sample(tmp_path: Path) -> None:
         assert len(ratio["values"]) == 2
     else:
         assert last == "io_uring/classic IOPS: not run"
-    if png is not None:
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

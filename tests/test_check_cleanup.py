@@ -301,7 +301,10 @@ def test_sigkill_leftovers_are_reaped_by_cleanup(tmp_path: Path) -> None:
             [sys.executable, "-m", "harness.iotests.check", "--cleanup"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        assert again.stderr.strip() == "cleanup: no dead run left anything"
+        # Cgroups are global while this registry is private: another
+        # worker's run that just finished may leave an empty one meanwhile.
+        lines = [x for x in again.stderr.splitlines() if "empty cgroup" not in x]
+        assert lines in ([], ["cleanup: no dead run left anything"]), again.stderr
     finally:
         if proc.poll() is None:
             proc.kill()

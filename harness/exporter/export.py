@@ -15,6 +15,7 @@ import argparse
 import errno
 import faulthandler
 import fcntl
+import json
 import os
 import resource
 import select
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .. import __version__
 from ..cli import OneLineParser
@@ -568,6 +569,25 @@ def _table_type(key: str) -> Any:
 
     conv.__name__ = key
     return conv
+
+
+def serve_spare(stdin: BinaryIO) -> int:
+    """Say "ready" on stdout, then run main() with the argv that arrives on
+    stdin as one JSON line, {"argv": [...], "stderr": PATH}; stdout and
+    stderr go to PATH.  EOF before that: nobody needed this spare."""
+    try:  # unbuffered: nothing may be left to flush into PATH at exit
+        os.write(1, b"ready\n")
+    except BrokenPipeError:
+        pass  # taken before it was ready: nobody waits for the word
+    line = stdin.readline()
+    if not line:
+        return 0
+    msg = json.loads(line)
+    fd = os.open(msg["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return main(msg["argv"])
 
 
 def main(argv: list[str] | None = None) -> int:

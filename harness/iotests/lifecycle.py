@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +95,19 @@ class ExporterProcess:
             self._mount_before = before.mount_id if before is not None else None
             TRACKER.add(self)
             RUN.add_mountpoint(self.mountpoint)
-            with open(self.stderr_path, "wb") as err:
-                self.proc = runs.spawn(
-                    self.command(),
-                    cwd=REPO,
-                    stdin=subprocess.DEVNULL,
-                    stdout=err,
-                    stderr=err,
-                    env=child_env(),
-                )
+            self.proc = self.popen()
+
+    def popen(self) -> subprocess.Popen[bytes]:
+        """Start the process of command(); a target may start it otherwise."""
+        with open(self.stderr_path, "wb") as err:
+            return runs.spawn(
+                self.command(),
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                env=child_env(),
+            )
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Spawn and wait for the pidfile; ExportFailed if it exits first."""
@@ -319,6 +324,8 @@ class Tracker:
         self._lock = threading.Lock()
         self._live: list[ExporterProcess] = []
         self.created_mountpoints: list[str] = []
+        # (what, fn) run by every cleanup_all(); fn returns what it removed.
+        self.extra_cleanups: list[tuple[str, Callable[[], list[str]]]] = []
 
     def add(self, e: ExporterProcess) -> None:
         with self._lock:
@@ -331,10 +338,12 @@ class Tracker:
                 self._live.remove(e)
 
     def cleanup_all(self) -> Outcome:
-        """Clean up every exporter still registered; one failure stops none."""
+        """Clean up every exporter still registered, then what the targets
+        keep beside them (warm spares); one failure stops none."""
         with self._lock:
             live = list(self._live)
-        return run_all((f"exporter {e.workdir.name}", e.cleanup) for e in live)
+        steps = [(f"exporter {e.workdir.name}", e.cleanup) for e in live]
+        return run_all([*steps, *self.extra_cleanups])
 
     def leftovers(self) -> list[str]:
         """FUSE mounts on our mountpoints, and our children holding /dev/fuse."""

@@ -80,9 +80,13 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """preexec_fn: the child gets sig when the thread that started it exits."""
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """preexec_fn: the child gets sig when the thread that started it exits.
+    With parent (its pid), a parent that died before the prctl is noticed
+    too: the child then ends at once instead of living on unowned."""
     _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 @dataclass
@@ -210,7 +214,10 @@ def _make_cgroup(name: str) -> str | None:
 
 def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
     """Popen a child of this run: adopted, and dying with its parent thread."""
-    proc: subprocess.Popen[Any] = subprocess.Popen(argv, preexec_fn=die_with_parent, **kw)
+    parent = os.getpid()
+    proc: subprocess.Popen[Any] = subprocess.Popen(
+        argv, preexec_fn=lambda: die_with_parent(parent=parent), **kw
+    )
     RUN.adopt(proc.pid)
     return proc
 

@@ -227,7 +227,7 @@ def _main(ns: argparse.Namespace) -> int:
 def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     runs = (ns.repeat + ns.profile) * len(cells) * len(peers.peers)
-    progress = Progress(runs, ns.runtime, ns.startup * len(peers.peers))
+    progress = Progress(runs, ns.runtime, ns.startup * (len(peers.peers) + 2))
     samples: list[dict[str, Any]] = []
     with _exports(peers.peers, root) as live:
         for rep in range(ns.repeat):
@@ -245,18 +245,21 @@ def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) 
                 progress.say(f"{cell.label} {peer.label} under perf stat")
                 prof = profile.measure(cell, live[peer.label], ns.runtime)
                 profiles.setdefault(cell.name, {})[peer.label] = prof.per_io
-    latencies: dict[str, list[startup.Latency]] = {p.label: [] for p in peers.peers}
+    # Ours from a warm spare (as the suite starts it) and cold.
+    rows = [(p.label, p, False) for p in peers.peers]
+    rows += [(f"{p.label} cold", p, True) for p in peers.peers if p.target.name == "reference"]
+    latencies: dict[str, list[startup.Latency]] = {label: [] for label, _, _ in rows}
     failures: dict[str, list[str]] = {}
     for i in range(ns.startup):
         progress.say(f"start-up latency {i + 1}/{ns.startup}")
-        for peer in rotate(peers.peers, i):
+        for label, peer, cold in rotate(rows, i):
             try:
-                latencies[peer.label].append(startup.measure(peer, root))
+                latencies[label].append(startup.measure(peer, root, cold))
             except (WaitTimeout, ExportFailed, RuntimeError) as e:
                 # A finding, not the end of the run: keep it and go on.
                 first = str(e).splitlines()[0]
-                failures.setdefault(peer.label, []).append(first)
-                progress.say(f"start-up of {peer.label} failed: {first}")
+                failures.setdefault(label, []).append(first)
+                progress.say(f"start-up of {label} failed: {first}")
     report = build_report(ns, cells, peers, samples, latencies, time.monotonic() - t0)
     report["startup_failures"] = failures
     report["profile"] = profiles
