@@ -35,6 +35,12 @@ def _read(mp: Path) -> bytes:
         return f.read(4096)
 
 
+@pytest.fixture(autouse=True)
+def spares_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about spares, even in a run that turns them off."""
+    monkeypatch.delenv("FUSE_IOTESTS_SPARE", raising=False)
+
+
 @pytest.mark.usefixtures("fuse_root")
 def test_the_next_export_runs_in_the_warm_spare(exports: Exports) -> None:
     first = exports.start(null_size="1M")

@@ -47,6 +47,7 @@ class SparePool:
         self._spawned = threading.Condition(self._lock)
         self._keeper: threading.Thread | None = None
         self._spawning = threading.Lock()
+        self._pending = 0  # asked of the keeper, not yet started
 
     @staticmethod
     def enabled() -> bool:
@@ -54,23 +55,26 @@ class SparePool:
 
     def take(self, argv: list[str], stderr: Path) -> subprocess.Popen[bytes] | None:
         """A spare, started as argv with stdout and stderr to a file, or None
-        (start cold); a replacement is started either way."""
+        (start cold); either way one is on its way for the next start."""
         if not self.enabled():
             return None
         env = child_env()
         with self._lock:
-            idle, self._idle = self._idle, []
-        proc = None
-        for spare, spare_env in idle:
-            if proc is None and spare.poll() is None and spare_env == env:
-                proc = self._hand_over(spare, argv, stderr)
-            else:
-                _end(spare)
+            stale = [x for x in self._idle if x[0].poll() is not None or not _same(x[1], env)]
+            fit = [x for x in self._idle if x not in stale]
+            self._idle = fit[1:]
+        for spare, _ in stale:
+            _end(spare)
+        proc = self._hand_over(fit[0][0], argv, stderr) if fit else None
         self._want(env)
         return proc
 
     def _want(self, env: dict[str, str]) -> None:
+        """Have one spare idle or on its way (no more: each costs an import)."""
         with self._lock:
+            if self._idle or self._pending:
+                return
+            self._pending += 1
             if self._keeper is None:
                 self._keeper = threading.Thread(target=self._keep, name="spares", daemon=True)
                 self._keeper.start()
@@ -89,6 +93,7 @@ class SparePool:
                     env=env,
                 )
                 with self._lock:
+                    self._pending -= 1
                     self._idle.append((spare, env))
                     self._spawned.notify_all()
 
@@ -112,10 +117,7 @@ class SparePool:
         there is none, and wait (bounded); False if it did not get ready."""
         if not self.enabled():
             return False
-        with self._lock:
-            pending = not self._idle
-        if pending:
-            self._want(child_env())
+        self._want(child_env())
         with self._lock:
             if not self._spawned.wait_for(lambda: bool(self._idle), timeout):
                 return False
@@ -138,9 +140,21 @@ class SparePool:
         with contextlib.suppress(queue.Empty):
             while True:
                 self._wanted.get_nowait()
+                with self._lock:
+                    self._pending -= 1
         with self._spawning, self._lock:  # one being started is finished first
             idle, self._idle = self._idle, []
         return [r for spare, _ in idle for r in _end(spare)]
+
+
+# Changes from one test to the next and means nothing to the exporter.
+VOLATILE = frozenset({"PYTEST_CURRENT_TEST"})
+
+
+def _same(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Would an exporter started with environment a behave as with b?"""
+    keys = (a.keys() | b.keys()) - VOLATILE
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _end(spare: subprocess.Popen[bytes]) -> list[str]:
