@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     initial = read_enable_uring()
     try:
         return _main(parse_args(argv))
-    except BenchError as e:
+    except (BenchError, ExportFailed, WaitTimeout) as e:
+        # Could not measure: the reason (a timeout's report is several lines).
+        _cleanup()
         print(f"bench: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
