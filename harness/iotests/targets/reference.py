@@ -84,14 +84,19 @@ class SparePool:
         while True:
             env = self._wanted.get()
             with self._spawning:
-                spare = runs.spawn(
-                    [*exporter_argv(), "--spare"],
-                    cwd=REPO,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    env=env,
-                )
+                try:
+                    spare = runs.spawn(
+                        [*exporter_argv(), "--spare"],
+                        cwd=REPO,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        env=env,
+                    )
+                except OSError:  # out of processes or fds: starts go cold
+                    with self._lock:
+                        self._pending -= 1
+                    continue
                 with self._lock:
                     self._pending -= 1
                     self._idle.append((spare, env))
