@@ -40,11 +40,15 @@ def problem() -> str | None:
     """Why --profile cannot run here, or None."""
     if shutil.which("perf") is None:
         return "perf is not installed (Debian: linux-perf)"
-    res = subprocess.run(
-        ["perf", "stat", "-x,", "-e", EVENTS["futex"], "--", "true"],
-        capture_output=True,
-        text=True,
-    )
+    try:
+        res = subprocess.run(
+            ["perf", "stat", "-x,", "-e", EVENTS["futex"], "--", "true"],
+            capture_output=True,
+            text=True,
+            timeout=BOUND,
+        )
+    except subprocess.TimeoutExpired:
+        return f"perf stat did not finish within {BOUND:.0f}s"
     if res.returncode != 0 or "<not supported>" in res.stderr:
         return f"perf cannot count syscall tracepoints: {res.stderr.strip().splitlines()[-1:]}"
     return None
