@@ -101,7 +101,7 @@ class RingQueue(Queue):
         self.entries: list[Entry] = []
         self.ring: Ring | None = None
         self._channel: DevFuseChannel | None = None
-        self.affinity = FollowClient([], set())
+        self.affinity = FollowClient(possible_cpu_ids(), os.sched_getaffinity(0))
 
     # -- set-up (in the queue thread) -------------------------------------
 
@@ -146,7 +146,6 @@ class RingQueue(Queue):
 
     def serve(self) -> None:
         try:
-            self.affinity = FollowClient(possible_cpu_ids(), os.sched_getaffinity(0))
             self._allocate()
             # Task work (each request's completion) runs only when this
             # thread asks for completions, not as an interrupt of whatever it

@@ -48,7 +48,12 @@ class Sample:
     read_iops: float
     write_iops: float
     p99_us: float  # the worse direction's 99th percentile latency (submit to completion)
-    ios: int  # I/Os completed (for per-request figures)
+    ios: int  # I/Os completed after the ramp
+
+    def ios_spanned(self, runtime: float) -> float:
+        """I/Os over the whole run, ramp included (fio does not count those):
+        what counters read beside fio are divided by, at the measured rate."""
+        return max(self.iops * (runtime + RAMP), 1.0)
 
 
 def load_cell(name: str, jobs_dir: Path = JOBS_DIR) -> Cell:

@@ -163,9 +163,7 @@ def measure(cell: Cell, peer: Peer, exp: ExporterProcess, runtime: float) -> dic
     sample: Sample = fio.run_cell(cell, exp.mountpoint, runtime)
     after = _thread_counters(exp.pid)
     ut, st, vcs, ivcs = (a - b for a, b in zip(after, before, strict=True))
-    # The counters span fio's ramp too, which fio does not count in its
-    # I/Os: estimate those at the measured rate.
-    ios = max(sample.iops * (runtime + fio.RAMP), 1.0)
+    ios = sample.ios_spanned(runtime)
     return {
         **asdict(sample),
         "cpu_user_us": ut * tick_us / ios,
@@ -229,7 +227,10 @@ def _main(ns: argparse.Namespace) -> int:
 def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     runs = (ns.repeat + ns.profile) * len(cells) * len(peers.peers)
-    progress = Progress(runs, ns.runtime, ns.startup * (len(peers.peers) + 2))
+    # Start-up rows: ours from a warm spare (as the suite starts it) and cold.
+    rows = [(p.label, p, False) for p in peers.peers]
+    rows += [(f"{p.label} cold", p, True) for p in peers.peers if p.target.name == "reference"]
+    progress = Progress(runs, ns.runtime, ns.startup * len(rows))
     samples: list[dict[str, Any]] = []
     with _exports(peers.peers, root) as live:
         for rep in range(ns.repeat):
@@ -247,9 +248,6 @@ def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) 
                 progress.say(f"{cell.label} {peer.label} under perf stat")
                 prof = profile.measure(cell, live[peer.label], ns.runtime)
                 profiles.setdefault(cell.name, {})[peer.label] = prof.per_io
-    # Ours from a warm spare (as the suite starts it) and cold.
-    rows = [(p.label, p, False) for p in peers.peers]
-    rows += [(f"{p.label} cold", p, True) for p in peers.peers if p.target.name == "reference"]
     latencies: dict[str, list[startup.Latency]] = {label: [] for label, _, _ in rows}
     failures: dict[str, list[str]] = {}
     for i in range(ns.startup):

@@ -87,6 +87,5 @@ def measure(cell: Cell, exp: ExporterProcess, runtime: float) -> Profile:
     counts = parse_counts(err)
     if not counts:
         raise BenchError(f"perf stat printed no counts: {err.strip()[-200:]}")
-    # perf counts from attach to SIGINT, fio's ramp included.
-    ios = max(sample.iops * (runtime + 1.0), 1.0)
+    ios = sample.ios_spanned(runtime)  # perf counts from attach to SIGINT
     return Profile({k: v / ios for k, v in counts.items()}, sample.ios)
