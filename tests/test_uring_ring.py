@@ -22,6 +22,7 @@ from harness.kernel.ring import (
     URING_CMD_AREA,
     URING_CMD_OFFSET,
     Ring,
+    uring_cmd_sqe,
 )
 
 SOCKET_URING_OP_SIOCINQ = 0  # enum io_uring_socket_op
@@ -272,6 +273,44 @@ def test_sqe_bytes_layout_and_slot_zeroing() -> None:
         assert slot[40:] == bytes(88)
         r.submit_and_wait(1)
         assert list(r.completions()) == [(1, 0, 0)]
+
+
+def test_uring_cmd_sqe_packs_what_prep_uring_cmd_does() -> None:
+    # The hot path's one-call SQE must be byte-for-byte the three-call one.
+    cmd = struct.Struct("=QQH6x")
+    packer = uring_cmd_sqe(cmd)
+    assert packer.size == 128
+    with Ring(2) as r:
+        r.prep_uring_cmd(7, 2, 0xABCD, 0x1122, 2, cmd, 5, 0x99, 3)
+        packer.pack_into(r.sqes, r.claim_sqe(), IORING_OP_URING_CMD, 0, 0, 7, 2, 0, 0x1122, 2, 0,
+                         0xABCD, 5, 0x99, 3)  # fmt: skip
+        assert bytes(r.sqes[0:128]) == bytes(r.sqes[128:256])
+    for bad in (struct.Struct("11Q"), struct.Struct("=11Q")):
+        with pytest.raises(ValueError):
+            uring_cmd_sqe(bad)
+
+
+def test_uring_cmd_sqe_reaches_the_kernel(ring: Ring) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.sendto(b"hi", s.getsockname())
+        packer = uring_cmd_sqe(struct.Struct("=Q"))
+        packer.pack_into(ring.sqes, ring.claim_sqe(), IORING_OP_URING_CMD, 0, 0, s.fileno(),
+                         SOCKET_URING_OP_SIOCINQ, 0, 0, 0, 0, 4, 0)  # fmt: skip
+        ring.submit_and_wait(1)
+        assert ring.reap() == [(4, 2, 0)]
+
+
+def test_reap_takes_everything_across_the_wrap(ring: Ring) -> None:
+    # Batches of 7 on a 16-entry CQ: reaps straddle the end of the ring, and
+    # each leaves the CQ empty (the head is published at once).
+    for batch in range(50):
+        for j in range(7):
+            ring.prep_nop(batch * 7 + j)
+        ring.submit_and_wait(7)
+        assert [ud for ud, _, _ in ring.reap()] == list(range(batch * 7, batch * 7 + 7))
+        assert ring.cq_ready() == 0
+        assert ring.reap() == []
 
 
 def test_sqe64_ring_nop_and_cmd_size_guard() -> None:

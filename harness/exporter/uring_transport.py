@@ -26,7 +26,13 @@ from typing import Any
 
 from ..kernel import abi
 from ..kernel.errnos import errno_name
-from ..kernel.ring import IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, Ring
+from ..kernel.ring import (
+    IORING_OP_URING_CMD,
+    IORING_SETUP_DEFER_TASKRUN,
+    IORING_SETUP_SINGLE_ISSUER,
+    Ring,
+    uring_cmd_sqe,
+)
 from ..layout import possible_cpu_ids
 from .affinity import FollowClient
 from .faults import FaultInjector
@@ -38,6 +44,10 @@ _WAKE = 1 << 62
 _DEV = _WAKE + 1
 REGISTER_RETRIES = 100
 COLLECT_TIMEOUT = 2.0
+# A whole FUSE uring command SQE in one pack (see _commit).
+_CMD_SQE = uring_cmd_sqe(abi.URING_CMD_REQ)
+_COMMIT = abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH
+_OUT_HEADER_SIZE = abi.OUT_HEADER.size
 
 
 class RingHalted(Exception):
@@ -56,6 +66,7 @@ class Entry:
     commit_id: int = 0
     retries: int = 0
     in_kernel: bool = False  # submitted, its CQE not seen yet
+    served: int = 0  # requests it carried
 
 
 def entry_size(payload_size: int) -> int:
@@ -90,7 +101,6 @@ class RingQueue(Queue):
         self.depth = depth
         self.poll_dev = poll_dev
         self.payload_size = handler.config.payload_size
-        self.per_qid = {qid: 0 for qid in qids}
         self.dev_per_op: dict[str, int] = {}
         # Shared by all queues, set by whichever sees the connection go
         # first: then every queue collects its entries' -ENOTCONN (bounded)
@@ -133,14 +143,32 @@ class RingQueue(Queue):
         assert self.ring is not None
         e.last_cmd = cmd
         e.in_kernel = True
-        if cmd == abi.FUSE_IO_URING_CMD_REGISTER:
-            self.ring.prep_uring_cmd(
-                self.fd, cmd, e.index, e.iov_addr, 2, abi.URING_CMD_REQ, 0, 0, e.qid
-            )
-        else:
-            self.ring.prep_uring_cmd(
-                self.fd, cmd, e.index, 0, 0, abi.URING_CMD_REQ, 0, e.commit_id, e.qid
-            )
+        addr, length = (e.iov_addr, 2) if cmd == abi.FUSE_IO_URING_CMD_REGISTER else (0, 0)
+        _CMD_SQE.pack_into(
+            self.ring.sqes, self.ring.claim_sqe(),
+            IORING_OP_URING_CMD, 0, 0, self.fd, cmd, 0, addr, length, 0, e.index,
+            0, e.commit_id, e.qid,
+        )  # fmt: skip
+
+    def _commit(self, e: Entry, unique: int, result: int) -> None:
+        """Write the reply into entry e and queue its COMMIT_AND_FETCH.
+
+        The hot path: one pack for the header, one for the SQE.
+        """
+        n = result if result > 0 else 0
+        abi.URING_REPLY.pack_into(
+            e.header, 0, _OUT_HEADER_SIZE + n, result if result < 0 else 0, unique,
+            0, e.commit_id, n, 0, 0,
+        )  # fmt: skip
+        e.last_cmd = _COMMIT
+        e.in_kernel = True
+        ring = self.ring
+        assert ring is not None
+        _CMD_SQE.pack_into(
+            ring.sqes, ring.claim_sqe(),
+            IORING_OP_URING_CMD, 0, 0, self.fd, _COMMIT, 0, 0, 0, 0, e.index,
+            0, e.commit_id, e.qid,
+        )  # fmt: skip
 
     # -- serving ------------------------------------------------------------
 
@@ -180,7 +208,7 @@ class RingQueue(Queue):
         while not self.stopping.is_set() or self._collecting():
             ring.submit_and_wait(1)
             requests, qid, pid = 0, 0, 0
-            for user_data, res, _ in ring.completions():
+            for user_data, res, _ in ring.reap():
                 if user_data < _WAKE:
                     e = entries[user_data]
                     pid = self._entry_done(e, res)
@@ -210,19 +238,8 @@ class RingQueue(Queue):
         """Serve the request that completed entry e; its task's pid (0: none)."""
         e.in_kernel = False
         if res < 0:
-            err = -res
-            if err == errno.ENOTCONN:
-                self.ended_enotconn += 1
-                self.conn_gone.set()
-                if not self._collecting():
-                    raise ConnectionGone
-                return 0
-            if err in (errno.EINTR, errno.EAGAIN) and e.retries < REGISTER_RETRIES:
-                e.retries += 1
-                self._submit_cmd(e, e.last_cmd)
-                return 0
-            name = abi.URING_CMD_NAMES[e.last_cmd]
-            raise RingHalted(f"{name} on qid {e.qid} failed: {errno_name(err)}: {os.strerror(err)}")
+            self._entry_failed(e, -res)
+            return 0
         e.retries = 0
         hdr = e.header
         (_, opcode, unique, nodeid, uid, gid, pid, _, _,
@@ -230,29 +247,37 @@ class RingQueue(Queue):
         if commit_id == 0:
             raise RingHalted(f"request on qid {e.qid} has commit_id 0")
         e.commit_id = commit_id
-        self.per_qid[e.qid] += 1
+        e.served += 1
         # Views of the entry's own buffers: no copy, valid until the commit.
         op_in = hdr[abi.URING_OP_IN_OFFSET : abi.URING_ENT_IN_OUT_OFFSET]
         req = Request(opcode, unique, nodeid, uid, gid, pid, op_in, e.payload[:payload_sz])
         result = self.dispatch(req, e.payload, e)
         if result is DEFERRED:
             return pid  # the entry stays ours until the request is released
-        if result is None:
-            result = 0  # a ring request always gets a commit
-        self.reply(unique, result, e)  # type: ignore[arg-type]
+        # A ring request always gets a commit, also one that wants no reply.
+        self._commit(e, unique, result or 0)  # type: ignore[arg-type]
         return pid
+
+    def _entry_failed(self, e: Entry, err: int) -> None:
+        if err == errno.ENOTCONN:
+            self.ended_enotconn += 1
+            self.conn_gone.set()
+            if not self._collecting():
+                raise ConnectionGone
+            return
+        if err in (errno.EINTR, errno.EAGAIN) and e.retries < REGISTER_RETRIES:
+            e.retries += 1
+            self._submit_cmd(e, e.last_cmd)
+            return
+        name = abi.URING_CMD_NAMES[e.last_cmd]
+        raise RingHalted(f"{name} on qid {e.qid} failed: {errno_name(err)}: {os.strerror(err)}")
 
     def reply(self, unique: int, result: int, token: Any) -> None:
         if token is None:  # it came on /dev/fuse
             assert self._channel is not None
             self._channel.reply(unique, result)
             return
-        e: Entry = token
-        n = max(result, 0)
-        abi.URING_REPLY.pack_into(
-            e.header, 0, abi.OUT_HEADER.size + n, min(result, 0), unique, 0, e.commit_id, n, 0, 0
-        )
-        self._submit_cmd(e, abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
+        self._commit(token, unique, result)
 
     def out_buffer(self, token: Any) -> memoryview:
         if token is None:
@@ -274,6 +299,9 @@ class RingQueue(Queue):
 
     def stats(self) -> dict[str, Any]:
         s = super().stats()
-        s["ring-queues"] = [{"qid": q, "requests": n} for q, n in self.per_qid.items()]
+        per_qid = dict.fromkeys(self.qids, 0)
+        for e in self.entries:
+            per_qid[e.qid] += e.served
+        s["ring-queues"] = [{"qid": q, "requests": n} for q, n in per_qid.items()]
         s["affinity-changes"] = self.affinity.changes
         return s

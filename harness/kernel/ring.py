@@ -43,6 +43,7 @@ __all__ = [
     "URING_CMD_AREA",
     "URING_CMD_OFFSET",
     "Ring",
+    "uring_cmd_sqe",
 ]
 
 # asm-generic numbers; x86_64 adopted the same ones for io_uring.
@@ -84,11 +85,29 @@ _CQE = struct.Struct("=QiI")  # user_data, res, flags
 _MASK32 = 0xFFFFFFFF
 
 
+# opcode, flags, ioprio, fd, cmd_op (low half of ``off``), off high half,
+# addr, len, op_flags, user_data: the first 40 bytes of an SQE.
+_SQE_HEAD = "BBHiIIQIIQ"
+
+
 def _sqe_struct(sqe_size: int) -> struct.Struct:
-    # opcode, flags, ioprio, fd, cmd_op (low half of ``off``), off high half,
-    # addr, len, op_flags, user_data; trailing pad bytes are zero-filled by
-    # pack_into, so one call rewrites the whole (reused) slot.
-    return struct.Struct(f"=BBHiIIQIIQ{sqe_size - 40}x")
+    # Trailing pad bytes are zero-filled by pack_into, so one call rewrites
+    # the whole (reused) slot.
+    return struct.Struct(f"={_SQE_HEAD}{sqe_size - 40}x")
+
+
+def uring_cmd_sqe(cmd: struct.Struct, sqe_size: int = 128) -> struct.Struct:
+    """One Struct for a whole IORING_OP_URING_CMD SQE with ``cmd`` at sqe+48.
+
+    Its values are the ten of the SQE head (opcode, flags, ioprio, fd,
+    cmd_op, off high half, addr, len, op_flags, user_data) followed by
+    ``cmd``'s own.  For a hot path: ``packer.pack_into(ring.sqes,
+    ring.claim_sqe(), ...)`` is one call where prep_uring_cmd() makes three.
+    """
+    room = sqe_size - URING_CMD_OFFSET
+    if not cmd.format.startswith("=") or cmd.size > room:
+        raise ValueError(f"cmd must be '='-packed and at most {room} bytes")
+    return struct.Struct(f"={_SQE_HEAD}8x{cmd.format[1:]}{room - cmd.size}x")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -198,6 +217,7 @@ class Ring:
         self._maps.append(sqes)
 
         self._sq_mm, self._cq_mm, self._sqes = sq_mm, cq_mm, sqes
+        self.sqes = sqes  # for claim_sqe() callers
         self._sq_head_off, self._sq_tail_off = sq_head, sq_tail
         self._cq_head_off, self._cq_tail_off, self._cqes_off = cq_head, cq_tail, cqes
         self._sq_mask = _U32.unpack_from(sq_mm, sq_mask)[0]
@@ -219,8 +239,12 @@ class Ring:
 
     # -- SQE preparation -------------------------------------------------
 
-    def _claim(self) -> int:
-        """Claim the next SQE slot; return its byte offset in the SQE array."""
+    def claim_sqe(self) -> int:
+        """Claim the next SQE slot; return its byte offset in ``sqes``.
+
+        The caller fills the whole slot (see uring_cmd_sqe()) before the
+        next submit.
+        """
         tail = self._sq_tail
         if (tail - self._sq_head) & _MASK32 >= self.sq_entries:
             # Full: hand the pending SQEs to the kernel so callers never fail.
@@ -231,12 +255,12 @@ class Ring:
         return (tail & self._sq_mask) << self._sqe_shift
 
     def prep_nop(self, user_data: int) -> None:
-        off = self._claim()
+        off = self.claim_sqe()
         self._pack(self._sqes, off, IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, user_data)
 
     def prep_poll_add(self, fd: int, events: int, user_data: int) -> None:
         """One-shot poll; the CQE res is the ready event mask (or -errno)."""
-        off = self._claim()
+        off = self.claim_sqe()
         self._pack(self._sqes, off, IORING_OP_POLL_ADD, 0, 0, fd, 0, 0, 0, 0, events, user_data)
 
     def prep_uring_cmd(
@@ -256,7 +280,7 @@ class Ring:
         """
         if cmd is not None and cmd.size > self._cmd_room:
             raise ValueError(f"cmd is {cmd.size} bytes, room is {self._cmd_room}")
-        off = self._claim()
+        off = self.claim_sqe()
         sqes = self._sqes
         op = IORING_OP_URING_CMD
         self._pack(sqes, off, op, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data)
@@ -271,7 +295,7 @@ class Ring:
         # reordered with earlier stores), and the syscall is a full barrier
         # anyway since nothing (no SQPOLL) reads the tail outside it.
         _U32.pack_into(self._sq_mm, self._sq_tail_off, self._sq_tail)
-        self._publish_cq_head()
+        _U32.pack_into(self._cq_mm, self._cq_head_off, self._cq_head)
         while True:
             to_submit = (self._sq_tail - self._sq_head) & _MASK32
             ret: int = _enter_syscall(_NR_ENTER, self.fd, to_submit, min_complete, flags, 0, 0)
@@ -311,6 +335,27 @@ class Ring:
         tail: int = _U32.unpack_from(self._cq_mm, self._cq_tail_off)[0]
         return (tail - self._cq_head) & _MASK32
 
+    def _ready_cqes(self) -> tuple[bytes, int]:
+        """A copy of the CQEs ready now (no syscall), and the tail it ends at."""
+        mm = self._cq_mm
+        # Acquire load of the tail: on x86 (TSO) loads are not reordered with
+        # later loads, so the CQEs read below are at least as new as the
+        # tail.  (aarch64 relies on the preceding io_uring_enter barrier.)
+        tail: int = _U32.unpack_from(mm, self._cq_tail_off)[0]
+        head = self._cq_head
+        n = (tail - head) & _MASK32
+        if not n:
+            return b"", tail
+        # One slice (two if they wrap), decoded with iter_unpack: much
+        # cheaper than an unpack_from per entry.
+        first = head & self._cq_mask
+        base = self._cqes_off
+        end = first + n
+        if end <= self.cq_entries:
+            return mm[base + (first << 4) : base + (end << 4)], tail
+        data = mm[base + (first << 4) : base + (self.cq_entries << 4)]
+        return data + mm[base : base + ((end - self.cq_entries) << 4)], tail
+
     def completions(self) -> Iterator[tuple[int, int, int]]:
         """Yield ``(user_data, res, flags)`` for each CQE available now.
 
@@ -319,26 +364,10 @@ class Ring:
         any io_uring_enter, so calling submit()/submit_and_wait() inside the
         loop is fine.  Do not nest two completions() iterations.
         """
-        mm = self._cq_mm
-        # Acquire load of the tail: on x86 (TSO) loads are not reordered with
-        # later loads, so the CQEs read below are at least as new as the
-        # tail.  (aarch64 relies on the preceding io_uring_enter barrier.)
-        tail = _U32.unpack_from(mm, self._cq_tail_off)[0]
-        head = self._cq_head
-        n = (tail - head) & _MASK32
-        if not n:
+        data, _ = self._ready_cqes()
+        if not data:
             return
-        # Copy the ready CQEs out in one slice (two if they wrap) and decode
-        # them with iter_unpack: much cheaper than an unpack_from per entry.
-        first = head & self._cq_mask
-        base = self._cqes_off
-        end = first + n
-        if end <= self.cq_entries:
-            data = mm[base + (first << 4) : base + (end << 4)]
-        else:
-            wrapped = end - self.cq_entries
-            data = mm[base + (first << 4) : base + (self.cq_entries << 4)]
-            data += mm[base : base + (wrapped << 4)]
+        head = self._cq_head
         try:
             for entry in _CQE.iter_unpack(data):
                 # Consumed as soon as it is handed out; the attribute keeps
@@ -348,6 +377,20 @@ class Ring:
                 yield entry
         finally:
             self._publish_cq_head()
+
+    def reap(self) -> list[tuple[int, int, int]]:
+        """Every CQE available now as ``(user_data, res, flags)``, consumed.
+
+        The hot-path form of completions(): one list, and the CQ head is
+        published at once (the entries are copies, so the kernel may reuse
+        their slots while the caller works through the list).
+        """
+        data, tail = self._ready_cqes()
+        if not data:
+            return []
+        self._cq_head = tail
+        _U32.pack_into(self._cq_mm, self._cq_head_off, tail)
+        return list(_CQE.iter_unpack(data))
 
     def _publish_cq_head(self) -> None:
         # Release store: the CQE loads before it are not reordered after it
