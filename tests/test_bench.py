@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.exporter.affinity import SAME_SOURCE, FollowClient
+from harness.exporter.polling import POLL_MAX_NS, POLL_START_NS, AdaptivePoll
 from harness.iotests.bench import fio
 from harness.iotests.bench.fio import BenchError
 from harness.iotests.bench.stats import Spread, paired_ratios, rotate
@@ -133,6 +134,19 @@ def test_follow_client_roams_for_clients_on_several_cpus() -> None:
     for _ in range(10):
         b.observe(1, 1, 100)
     assert applied == [] and b.pinned_to is None
+
+
+def test_adaptive_poll_grows_to_the_gap_and_drops_after_a_long_wait() -> None:
+    p = AdaptivePoll()
+    windows = []
+    for _ in range(6):
+        p.slept(40_000)  # a client that comes back after 40 us
+        windows.append(p.window_ns)
+    assert windows[0] == POLL_START_NS
+    assert windows == sorted(windows) and windows[-1] == POLL_MAX_NS > 40_000
+    p.slept(POLL_MAX_NS + 1)  # polling would not have caught it: stop
+    assert p.window_ns == 0 and p.sleeps == 7
+    assert p.as_dict() == {"window-ns": 0, "caught": 0, "sleeps": 7}
 
 
 def test_uring_header_structs_match_the_two_halves() -> None:

@@ -8,12 +8,15 @@ the `transport` parameter; this file covers what only io_uring has.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
 import pytest
 
 from harness.iotests.targets.reference import run_exporter
+from harness.iotests.timeouts import scaled
+from harness.iotests.waiting import wait_until
 from harness.kernel.mount import find_mount
 from harness.kernel.params import ENABLE_URING, enable_uring_set_to, read_param
 from harness.layout import possible_cpus
@@ -68,6 +71,30 @@ def test_pinned_client_is_served_by_its_cpus_ring_queue(exports, client, uring, 
     # With more queues than CPUs, the extra queues own nothing and stay idle.
     for q in exp.query()["queues"][CPUS:]:
         assert q["ring-queues"] == [] and q["requests"] == 0
+
+
+def test_synchronous_client_is_served_by_polling(exports, uring):
+    """One thread reading a block at a time: its ring queue thread pins next
+    to it (affinity.py) and polls the ring before it sleeps (polling.py)."""
+    exp = exports.start(io_uring="on", null_size=1 << 20)
+    allowed = os.sched_getaffinity(0)
+    fd = os.open(exp.mountpoint, os.O_RDONLY)
+    os.sched_setaffinity(0, {min(allowed)})
+
+    def polls() -> list[dict[str, int]]:
+        return [q["poll"] for q in exp.query()["queues"] if "poll" in q]
+
+    def caught() -> bool:
+        for _ in range(200):
+            assert os.pread(fd, 4096, 8192) == bytes(4096)
+        return sum(p["caught"] for p in polls()) > 0
+
+    try:
+        wait_until(caught, scaled(60), "a poll that caught a request", lambda: str(polls()))
+    finally:
+        os.sched_setaffinity(0, allowed)
+        os.close(fd)
+    assert sum(q["affinity-changes"] for q in exp.query()["queues"]) >= 1
 
 
 @pytest.mark.serial

@@ -36,6 +36,7 @@ from ..kernel.ring import (
 from ..layout import possible_cpu_ids
 from .affinity import FollowClient
 from .faults import FaultInjector
+from .polling import AdaptivePoll
 from .protocol import ExportHandler, Request
 from .transport import DEFERRED, ConnectionGone, DevFuseChannel, Queue
 
@@ -112,6 +113,7 @@ class RingQueue(Queue):
         self.ring: Ring | None = None
         self._channel: DevFuseChannel | None = None
         self.affinity = FollowClient(possible_cpu_ids(), os.sched_getaffinity(0))
+        self.poll = AdaptivePoll()
 
     # -- set-up (in the queue thread) -------------------------------------
 
@@ -206,7 +208,10 @@ class RingQueue(Queue):
         assert ring is not None
         entries, affinity = self.entries, self.affinity
         while not self.stopping.is_set() or self._collecting():
-            ring.submit_and_wait(1)
+            if affinity.pinned_to is None:
+                ring.submit_and_wait(1)
+            else:
+                self._poll_then_wait(ring)
             requests, qid, pid = 0, 0, 0
             for user_data, res, _ in ring.reap():
                 if user_data < _WAKE:
@@ -222,6 +227,25 @@ class RingQueue(Queue):
                 if self.stopping.is_set() and not self._collecting():
                     return
             affinity.observe(requests, qid, pid)
+
+    def _poll_then_wait(self, ring: Ring) -> None:
+        """Wait for a CQE, serving a synchronous client: poll the ring for
+        the adaptive window first (polling.py), then sleep."""
+        poll = self.poll
+        start = time.monotonic_ns()
+        if poll.window_ns:
+            deadline = start + poll.window_ns
+            while True:
+                # Submits the commits; with DEFER_TASKRUN it also runs the
+                # task work that turns an arrived request into a CQE.
+                ring.submit_and_wait(0)
+                if ring.cq_ready():
+                    poll.caught += 1
+                    return
+                if time.monotonic_ns() >= deadline:
+                    break
+        ring.submit_and_wait(1)
+        poll.slept(time.monotonic_ns() - start)
 
     def _collecting(self) -> bool:
         """Unmounted: the kernel completes every entry with -ENOTCONN at once
@@ -304,4 +328,5 @@ class RingQueue(Queue):
             per_qid[e.qid] += e.served
         s["ring-queues"] = [{"qid": q, "requests": n} for q, n in per_qid.items()]
         s["affinity-changes"] = self.affinity.changes
+        s["poll"] = self.poll.as_dict()
         return s
