@@ -5,7 +5,8 @@ fs/fuse/dev_uring.c fuse_uring_create(), read here from
 /sys/devices/system/cpu/possible; get_nprocs() counts only online CPUs, a
 bug caught in review of QEMU's FUSE-over-io_uring series, 2025) and routes
 a request to the ring queue of the CPU its task runs on.  Ring queue k
-goes to queue thread k mod N.
+goes to queue thread k mod N, as in QEMU's series; or, shared, every queue
+thread registers entries on every ring queue.
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ def possible_cpus() -> int:
 def ring_queues_of(queue: int, queues: int, ring_queues: int) -> list[int]:
     """The ring queues (qids) that queue thread `queue` of `queues` owns."""
     return list(range(queue, ring_queues, queues))
+
+
+def ring_entries_of(
+    queue: int, queues: int, ring_queues: int, depth: int, shared: bool
+) -> tuple[list[int], int]:
+    """The ring queues queue thread `queue` registers entries on, and how many on each.
+
+    Shared, the depth is split (at least one entry each).  The kernel hands
+    a request to the entry that came back last (fuse_uring_ent_avail() puts
+    it first), so under load one thread serves while the others stand by
+    and take over only when its entries are all out: with the GIL that
+    beats threads that each wait for their own ring queues' requests.
+    """
+    if shared:
+        return list(range(ring_queues)), max(1, depth // queues)
+    return ring_queues_of(queue, queues, ring_queues), depth
 
 
 def owner_of(qid: int, queues: int) -> int:

@@ -117,6 +117,13 @@ OPTIONS: tuple[ExportOption, ...] = (
     ),
     ExportOption("ring-depth", positive, 64, "ring entries per ring queue", "", metavar="N"),
     ExportOption(
+        "share-ring-queues",
+        boolean,
+        False,
+        "every queue thread serves every ring queue (ring-depth split among them)",
+        "",
+    ),
+    ExportOption(
         "max-write",
         size_bytes,
         128 << 10,

@@ -119,12 +119,32 @@ def test_follow_client_pins_for_one_synchronous_client() -> None:
     assert applied == [{1}, {0, 1}] and a.pinned_to is None
 
 
+def test_follow_client_polls_for_a_client_that_hops_between_cpus() -> None:
+    applied: list[set[int]] = []
+    a = FollowClient([0, 1], {0, 1}, apply=applied.append)
+    for _ in range(SAME_SOURCE + 1):
+        a.observe(1, 0, 100)
+    assert applied == [{0}] and a.synchronous
+    # A few requests from the other CPU: still one synchronous client, still pinned.
+    for _ in range(3):
+        a.observe(1, 1, 100)
+    assert applied == [{0}] and a.synchronous
+    # It stays there: followed.
+    for _ in range(SAME_SOURCE):
+        a.observe(1, 1, 100)
+    assert applied == [{0}, {1}] and a.pinned_to == 1
+    # Another task: neither pinned nor polling.
+    a.observe(1, 1, 200)
+    assert applied == [{0}, {1}, {0, 1}] and not a.synchronous
+
+
 def test_follow_client_roams_for_clients_on_several_cpus() -> None:
     applied: list[set[int]] = []
     a = FollowClient([0, 1], {0, 1}, apply=applied.append)
     for k in range(50):
         a.observe(1, k % 2, 100)
     assert applied == [] and a.pinned_to is None
+    assert a.synchronous  # one task hopping at every request: polled, not pinned
     # Two clients on one CPU taking turns: roaming too.
     for k in range(200):
         a.observe(1, 0, 100 + k % 2)

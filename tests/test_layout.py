@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.layout import layout_table, owner_of, parse_cpu_list
+from harness.layout import layout_table, owner_of, parse_cpu_list, ring_entries_of
 
 
 def test_parse_cpu_list() -> None:
@@ -27,3 +27,9 @@ def test_every_ring_queue_has_exactly_one_owner(cpus: int, queues: int) -> None:
 def test_two_cpus_three_queues() -> None:
     assert layout_table(2, 3) == [[0], [1], []]
     assert layout_table(3, 2) == [[0, 2], [1]]
+
+
+def test_shared_ring_entries_split_the_depth() -> None:
+    assert ring_entries_of(1, 3, 4, 64, shared=False) == ([1], 64)
+    assert ring_entries_of(1, 3, 4, 64, shared=True) == ([0, 1, 2, 3], 21)
+    assert ring_entries_of(2, 4, 2, 2, shared=True) == ([0, 1], 1)  # at least one

@@ -20,6 +20,7 @@ from harness.iotests.waiting import wait_until
 from harness.kernel.mount import find_mount
 from harness.kernel.params import ENABLE_URING, enable_uring_set_to, read_param
 from harness.layout import possible_cpus
+from harness.patterns import pattern_bytes
 
 pytestmark = pytest.mark.uring
 CPUS = possible_cpus()
@@ -31,7 +32,12 @@ def uring(uring_kernel):  # type: ignore[no-untyped-def]
 
 
 def ring_requests(info: dict) -> dict[int, int]:
-    return {r["qid"]: r["requests"] for q in info["queues"] for r in q.get("ring-queues", [])}
+    """Requests per ring queue, over every queue thread with entries on it."""
+    counts: dict[int, int] = {}
+    for q in info["queues"]:
+        for r in q.get("ring-queues", []):
+            counts[r["qid"]] = counts.get(r["qid"], 0) + r["requests"]
+    return counts
 
 
 def queue_ops(info: dict, op: str) -> list[int]:
@@ -71,6 +77,29 @@ def test_pinned_client_is_served_by_its_cpus_ring_queue(exports, client, uring, 
     # With more queues than CPUs, the extra queues own nothing and stay idle.
     for q in exp.query()["queues"][CPUS:]:
         assert q["ring-queues"] == [] and q["requests"] == 0
+
+
+@pytest.mark.parametrize("queues", [1, 2, 3])
+def test_shared_ring_queues_take_every_cpus_requests(exports, client, uring, queues):
+    exp = exports.start(io_uring="on", writable=True, queues=queues, share_ring_queues=True)
+    info = exp.query()
+    depth = max(1, 64 // queues)
+    pairs = sorted((r["qid"], r["queue"], r["depth"]) for r in info["ring-layout"])
+    assert pairs == [(k, q, depth) for k in range(CPUS) for q in range(queues)]
+    for cpu in range(CPUS):
+        before = ring_requests(exp.query())
+        assert (
+            client.run("pwrite", exp.mountpoint, cpu * 4096, 4096, 0x40 + cpu, cpu=cpu) == "ok 4096"
+        )
+        assert client.run("pread", exp.mountpoint, cpu * 4096, 4096, cpu=cpu) == "ok 4096"
+        after = ring_requests(exp.query())
+        # OPEN, WRITE, OPEN, READ from this CPU (a RELEASE may come from anywhere).
+        assert after[cpu] - before[cpu] >= 4
+    with open(exp.mountpoint, "rb") as f:
+        data = f.read(CPUS * 4096)
+    assert [data[k * 4096 : (k + 1) * 4096] for k in range(CPUS)] == [
+        pattern_bytes(0x40 + k, 4096) for k in range(CPUS)
+    ]
 
 
 def test_synchronous_client_is_served_by_polling(exports, uring):

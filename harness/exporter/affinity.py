@@ -44,6 +44,13 @@ class FollowClient:
     changes: int = 0
     _last: tuple[int, int] = (-1, -1)  # (qid, pid) of the last request
     _same: int = 0  # wakeups in a row whose last request came from _last
+    _same_pid: int = 0  # wakeups in a row from _last's task, on any CPU
+
+    @property
+    def synchronous(self) -> bool:
+        """One task sends one request at a time (wherever it runs): the
+        thread should poll before it sleeps (polling.py)."""
+        return self.batch < SINGLE and self._same_pid >= SAME_SOURCE
 
     def observe(self, requests: int, qid: int, pid: int) -> None:
         """One wakeup brought `requests` requests; the last one came from
@@ -51,21 +58,22 @@ class FollowClient:
         if requests <= 0:
             return
         self.batch += WEIGHT * (requests - self.batch)
-        if (qid, pid) == self._last:
-            self._same += 1
-        else:
-            self._last, self._same = (qid, pid), 0
-        # Wakeups in a row from one task on one CPU: a synchronous client
-        # (followed when it migrates).  Several clients, even on one CPU,
-        # keep the thread roaming: pinned beside them it would compete with
-        # them for that CPU while another idles.
-        one_client = self._same >= SAME_SOURCE
+        last_qid, last_pid = self._last
+        self._same_pid = self._same_pid + 1 if pid == last_pid else 0
+        self._same = self._same + 1 if qid == last_qid and pid == last_pid else 0
+        self._last = (qid, pid)
+        # Wakeups in a row from one task on one CPU: a synchronous client,
+        # followed once it has stayed on another CPU as long (a client that
+        # hops between CPUs would otherwise re-pin the thread at every hop).
+        # Several clients, even on one CPU, keep the thread roaming: pinned
+        # beside them it would compete with them for that CPU while another
+        # idles.
         cpu = self.cpu_of_qid[qid]
-        if self.batch < SINGLE and one_client and cpu in self.allowed:
+        if self.batch < SINGLE and self._same >= SAME_SOURCE and cpu in self.allowed:
             if self.pinned_to != cpu:
                 self._set({cpu})
                 self.pinned_to = cpu
-        elif self.pinned_to is not None and (self.batch > BATCHED or not one_client):
+        elif self.pinned_to is not None and (self.batch > BATCHED or not self.synchronous):
             self._set(self.allowed)
             self.pinned_to = None
 

@@ -32,7 +32,7 @@ from ..cli import OneLineParser
 from ..kernel import abi
 from ..kernel.mount import MS_NOATIME, MS_NODEV, MS_NOSUID, MS_RDONLY, find_mount, mount, umount
 from ..kernel.ring import IORING_MAX_ENTRIES
-from ..layout import possible_cpus, ring_queues_of
+from ..layout import possible_cpus, ring_entries_of
 from ..options import BY_KEY, FSTYPE, OPTIONS, Settings
 from .backend import Backend, ImageBackend, NullBackend
 from .faults import FaultError, FaultInjector
@@ -158,19 +158,24 @@ class Export:
         payload buffers are plain anonymous memory, so MemAvailable is."""
         o = self.opts
         ring_queues = possible_cpus()
-        busiest = max(len(ring_queues_of(i, o.queues, ring_queues)) for i in range(o.queues))
-        if ring_entries(busiest * o.ring_depth) > IORING_MAX_ENTRIES:
+        shares = [
+            ring_entries_of(i, o.queues, ring_queues, o.ring_depth, o.share_ring_queues)
+            for i in range(o.queues)
+        ]
+        qids, depth = max(shares, key=lambda share: len(share[0]) * share[1])
+        if ring_entries(len(qids) * depth) > IORING_MAX_ENTRIES:
             raise ExportError(
-                f"--ring-depth {o.ring_depth}: a queue thread would own {busiest} ring queue(s) "
-                f"x {o.ring_depth} entries, more than io_uring's {IORING_MAX_ENTRIES}"
+                f"--ring-depth {o.ring_depth}: a queue thread would own {len(qids)} ring "
+                f"queue(s) x {depth} entries, more than io_uring's {IORING_MAX_ENTRIES}"
             )
         entry = entry_size(ExportConfig(max_write=o.max_write).payload_size)
-        need = ring_queues * o.ring_depth * entry
+        total = sum(len(qids) * depth for qids, depth in shares)
+        need = total * entry
         avail = _mem_available()
         if avail is not None and need > avail // 2:
             raise ExportError(
                 f"--ring-depth {o.ring_depth}: the ring buffers would take {need >> 20} MiB "
-                f"({ring_queues} ring queues x {o.ring_depth} x {entry} bytes); "
+                f"({total} ring entries x {entry} bytes); "
                 f"half of the memory available is {avail >> 21} MiB"
             )
 
@@ -287,12 +292,14 @@ class Export:
             fd = self.session_fd if i == 0 else _clone_fd(self.session_fd)
             q: Queue
             if uring:
-                qids = ring_queues_of(i, o.queues, self.ring_queues)
+                qids, depth = ring_entries_of(
+                    i, o.queues, self.ring_queues, o.ring_depth, o.share_ring_queues
+                )
                 q = RingQueue(
                     i,
                     fd,
                     qids,
-                    o.ring_depth,
+                    depth,
                     handler,
                     self.faults,
                     self.stopping,

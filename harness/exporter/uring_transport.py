@@ -208,10 +208,10 @@ class RingQueue(Queue):
         assert ring is not None
         entries, affinity = self.entries, self.affinity
         while not self.stopping.is_set() or self._collecting():
-            if affinity.pinned_to is None:
-                ring.submit_and_wait(1)
-            else:
+            if affinity.synchronous:
                 self._poll_then_wait(ring)
+            else:
+                ring.submit_and_wait(1)
             requests, qid, pid = 0, 0, 0
             for user_data, res, _ in ring.reap():
                 if user_data < _WAKE:

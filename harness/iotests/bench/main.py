@@ -228,8 +228,9 @@ def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) 
     t0 = time.monotonic()
     runs = (ns.repeat + ns.profile) * len(cells) * len(peers.peers)
     # Start-up rows: ours from a warm spare (as the suite starts it) and cold.
-    rows = [(p.label, p, False) for p in peers.peers]
-    rows += [(f"{p.label} cold", p, True) for p in peers.peers if p.target.name == "reference"]
+    starts = [p for p in peers.peers if not p.variant]
+    rows = [(p.label, p, False) for p in starts]
+    rows += [(f"{p.label} cold", p, True) for p in starts if p.target.name == "reference"]
     progress = Progress(runs, ns.runtime, ns.startup * len(rows))
     samples: list[dict[str, Any]] = []
     with _exports(peers.peers, root) as live:

@@ -13,11 +13,13 @@ NULL_SIZE = "1G"
 
 @dataclass(frozen=True)
 class Peer:
-    label: str  # the row name: classic, io_uring, qsd-7.2, qsd-11.1, qsd-11.1-mq2
+    label: str  # the row name: classic, io_uring, io_uring-shared, qsd-7.2, qsd-11.1, ...
     target: Target
     settings: Settings
     transport: str  # dev-fuse or io-uring
     queues: int
+    # A variant of another row's exporter (same start-up): no start-up rows.
+    variant: bool = False
 
     def describe(self) -> dict[str, object]:
         return {
@@ -26,6 +28,7 @@ class Peer:
             "version": self.target.version,
             "transport": self.transport,
             "queues": self.queues,
+            "variant": self.variant,
             "argv": self.settings.argv(),
         }
 
@@ -48,7 +51,8 @@ def _short(version: str) -> str:
 
 
 def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerSet:
-    """Our two transports with `queues` queue threads; then QSD 7.2 (one
+    """Our two transports with `queues` queue threads (io_uring also with
+    shared ring queues); then QSD 7.2 (one
     queue, its only mode) and QSD 11.1 with one and with `mq` iothreads."""
     out = PeerSet()
     reference = resolve("reference")
@@ -59,6 +63,13 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
     else:
         uring = classic.with_({"io-uring": "on"})
         out.peers.append(Peer("io_uring", reference, uring, "io-uring", queues))
+        if queues > 1:
+            # Each ring queue thread may serve every CPU's ring queue, as
+            # classic's threads all read one kernel queue.
+            shared = uring.with_({"share-ring-queues": True})
+            out.peers.append(
+                Peer("io_uring-shared", reference, shared, "io-uring", queues, variant=True)
+            )
     if not qsd:
         return out
     # allow-other off: QSD's default (auto) would try it and need fuse.conf.
