@@ -354,13 +354,14 @@ def _print(report: dict[str, Any]) -> None:
     for line in fingerprint.format_lines(report["fingerprint"]):
         print(line)
     peers = report["peers"]
+    w = max([14] + [len(p["label"]) for p in peers])  # the row label column
     print(
         f"\nfio randrw 70/30 bs=4k libaio direct=1 on a null-co 1G export; {report['repeat']} "
         f"repetitions, exporters interleaved (rotating order), {report['runtime']:g}s per run "
         f"after 1s ramp; run took {report['duration_s']:.0f}s"
     )
     for p in peers:
-        print(f"  {p['label']:<14} {p['target']} {p['transport']}, {p['queues']} queue(s)")
+        print(f"  {p['label']:<{w}} {p['target']} {p['transport']}, {p['queues']} queue(s)")
     for note in report["skipped"]:
         print(f"  not run: {note}")
     n = report["repeat"]
@@ -379,9 +380,9 @@ def _print(report: dict[str, Any]) -> None:
         events = list(profile.EVENTS)
         print("\nper I/O under perf stat (one run each; futex: mostly GIL hand-offs in ours)")
         for cell, per_peer in report["profile"].items():
-            print(f"  {cell:<14}" + "".join(f"{e:>15}" for e in events))
+            print(f"  {cell:<{w}}" + "".join(f"{e:>15}" for e in events))
             for p, per_io in per_peer.items():
-                print(f"  {p:<14}" + "".join(f"{per_io.get(e, 0.0):>15.2f}" for e in events))
+                print(f"  {p:<{w}}" + "".join(f"{per_io.get(e, 0.0):>15.2f}" for e in events))
     for p, lines in report.get("startup_failures", {}).items():
         print(f"\nstart-up/teardown of {p} FAILED {len(lines)} time(s); first: {lines[0]}")
     if report["startup"]:
@@ -389,7 +390,7 @@ def _print(report: dict[str, Any]) -> None:
         for p, v in report["startup"].items():
             n_s = v["start_ms"]["n"]
             print(
-                f"  {p:<14} start {_fmt(v['start_ms'], 1):>22}   "
+                f"  {p:<{w}} start {_fmt(v['start_ms'], 1):>22}   "
                 f"stop {_fmt(v['stop_ms'], 1):>22}   (n={n_s})"
             )
 
