@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -111,14 +112,18 @@ def test_an_empty_cgroup_of_a_finished_run_is_removed(
     orphan = root / f"{runs.CGROUP_PREFIX}test-orphan-{os.getpid()}"
     live = root / f"{runs.CGROUP_PREFIX}test-live-{os.getpid()}"
     (registry / f"test-live-{os.getpid()}.json").write_text("{}")
+    # A live run registered elsewhere (another worker's state dir), before
+    # it adopted a child: named after a pid that runs.
+    elsewhere = root / f"{runs.CGROUP_PREFIX}{os.getpid()}-{time.time_ns()}"
     orphan.mkdir()
     live.mkdir()
+    elsewhere.mkdir()
     try:
         lines = runs.reap_stale()
         assert not orphan.exists()
         assert f"cleanup: removed the empty cgroup {orphan} of a finished run" in lines
-        assert live.exists()
+        assert live.exists() and elsewhere.exists()
     finally:
-        for c in (orphan, live):
+        for c in (orphan, live, elsewhere):
             if c.exists():
                 c.rmdir()

@@ -445,11 +445,20 @@ def _orphan_cgroups() -> list[str]:
     lines = []
     for c in sorted(root.glob(f"{CGROUP_PREFIX}*")):
         # The registration is written before its cgroup is made: no race.
-        if c.name.removeprefix(CGROUP_PREFIX) in live or _cgroup_pids(str(c)):
+        # A run registered elsewhere (another FUSE_IOTESTS_STATE_DIR) has
+        # an empty cgroup until it adopts its first child: its pid, which
+        # names the cgroup, still runs.
+        name = c.name.removeprefix(CGROUP_PREFIX)
+        if name in live or _pid_runs(name.partition("-")[0]) or _cgroup_pids(str(c)):
             continue
         if _rmdir(str(c)):
             lines.append(f"cleanup: removed the empty cgroup {c} of a finished run")
     return lines
+
+
+def _pid_runs(pid: str) -> bool:
+    """Whether a process with this pid exists (a reused pid only delays a sweep)."""
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
 
 
 def reap_stale() -> list[str]:
