@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# QEMU polls up to 32 us by default; a round trip of a Python server on
-# 2 vCPUs under TCG-era timings is about twice that.
+# QEMU polls up to 32 us by default; a synchronous client's round trip
+# through this Python server on the 2-vCPU guest here is about twice that.
 POLL_MAX_NS = 64_000
 POLL_START_NS = 4_000  # QEMU's first step when growing from zero
 

@@ -45,7 +45,7 @@ _WAKE = 1 << 62
 _DEV = _WAKE + 1
 REGISTER_RETRIES = 100
 COLLECT_TIMEOUT = 2.0
-# A whole FUSE uring command SQE in one pack (see _commit).
+# A whole FUSE uring command SQE in one pack: the hot path.
 _CMD_SQE = uring_cmd_sqe(abi.URING_CMD_REQ)
 _COMMIT = abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH
 _OUT_HEADER_SIZE = abi.OUT_HEADER.size
@@ -153,24 +153,13 @@ class RingQueue(Queue):
         )  # fmt: skip
 
     def _commit(self, e: Entry, unique: int, result: int) -> None:
-        """Write the reply into entry e and queue its COMMIT_AND_FETCH.
-
-        The hot path: one pack for the header, one for the SQE.
-        """
+        """Write the reply into entry e and queue its COMMIT_AND_FETCH."""
         n = result if result > 0 else 0
         abi.URING_REPLY.pack_into(
             e.header, 0, _OUT_HEADER_SIZE + n, result if result < 0 else 0, unique,
             0, e.commit_id, n, 0, 0,
         )  # fmt: skip
-        e.last_cmd = _COMMIT
-        e.in_kernel = True
-        ring = self.ring
-        assert ring is not None
-        _CMD_SQE.pack_into(
-            ring.sqes, ring.claim_sqe(),
-            IORING_OP_URING_CMD, 0, 0, self.fd, _COMMIT, 0, 0, 0, 0, e.index,
-            0, e.commit_id, e.qid,
-        )  # fmt: skip
+        self._submit_cmd(e, _COMMIT)
 
     # -- serving ------------------------------------------------------------
 
