@@ -247,7 +247,7 @@ def test_sqe_bytes_layout_and_slot_zeroing() -> None:
     # (the kernel cannot echo cmd-area bytes back to us).
     rfd, wfd = os.pipe()
     with Ring(1) as r:
-        sqes = r._sqes
+        sqes = r.sqes
         cmd = struct.Struct("=10Q")
         r.prep_uring_cmd(rfd, 0x1234, 0xABCD, 0x1122334455667788, 99, cmd, *range(1, 11))
         slot = bytes(sqes[0:128])

@@ -216,8 +216,8 @@ class Ring:
         )
         self._maps.append(sqes)
 
-        self._sq_mm, self._cq_mm, self._sqes = sq_mm, cq_mm, sqes
-        self.sqes = sqes  # for claim_sqe() callers
+        self._sq_mm, self._cq_mm = sq_mm, cq_mm
+        self.sqes = sqes  # the SQE array; claim_sqe() gives a slot's offset
         self._sq_head_off, self._sq_tail_off = sq_head, sq_tail
         self._cq_head_off, self._cq_tail_off, self._cqes_off = cq_head, cq_tail, cqes
         self._sq_mask = _U32.unpack_from(sq_mm, sq_mask)[0]
@@ -256,12 +256,12 @@ class Ring:
 
     def prep_nop(self, user_data: int) -> None:
         off = self.claim_sqe()
-        self._pack(self._sqes, off, IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, user_data)
+        self._pack(self.sqes, off, IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, user_data)
 
     def prep_poll_add(self, fd: int, events: int, user_data: int) -> None:
         """One-shot poll; the CQE res is the ready event mask (or -errno)."""
         off = self.claim_sqe()
-        self._pack(self._sqes, off, IORING_OP_POLL_ADD, 0, 0, fd, 0, 0, 0, 0, events, user_data)
+        self._pack(self.sqes, off, IORING_OP_POLL_ADD, 0, 0, fd, 0, 0, 0, 0, events, user_data)
 
     def prep_uring_cmd(
         self,
@@ -281,7 +281,7 @@ class Ring:
         if cmd is not None and cmd.size > self._cmd_room:
             raise ValueError(f"cmd is {cmd.size} bytes, room is {self._cmd_room}")
         off = self.claim_sqe()
-        sqes = self._sqes
+        sqes = self.sqes
         op = IORING_OP_URING_CMD
         self._pack(sqes, off, op, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data)
         if cmd is not None:
