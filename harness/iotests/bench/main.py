@@ -230,7 +230,7 @@ def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) 
     # Start-up rows: ours from a warm spare (as the suite starts it) and cold.
     starts = [p for p in peers.peers if not p.variant]
     rows = [(p.label, p, False) for p in starts]
-    rows += [(f"{p.label} cold", p, True) for p in starts if p.target.name == "reference"]
+    rows += [(f"{p.label} cold", p, True) for p in starts if p.target.starts_warm]
     progress = Progress(runs, ns.runtime, ns.startup * len(rows))
     samples: list[dict[str, Any]] = []
     with _exports(peers.peers, root) as live:

@@ -51,8 +51,7 @@ def measure(peer: Peer, root: Path, cold: bool = False) -> Latency:
     mountpoint = workdir / "null.fuse"
     mountpoint.touch()
     exp = peer.target.exporter(workdir, mountpoint, None, peer.settings)
-    spare = peer.target.name == "reference" and not cold
-    if spare:
+    if peer.target.starts_warm and not cold:
         SPARES.wait_ready(scaled(BOUND))
     try:
         cold_start = patch.dict(os.environ, {"FUSE_IOTESTS_SPARE": "0"})

@@ -59,6 +59,11 @@ class Target:
         golden names stay as they are."""
         return "" if self.name == DEFAULT else self.name
 
+    @property
+    def starts_warm(self) -> bool:
+        """Its exporters start from warm spares (targets/reference.py)."""
+        return self.name == DEFAULT
+
     def lacks(self, needs: Iterable[str]) -> str | None:
         """Why capabilities `needs` are not all here, or None."""
         missing = sorted(set(needs) - self.capabilities)

@@ -63,6 +63,8 @@ class SparePool:
             stale = [x for x in self._idle if x[0].poll() is not None or not _same(x[1], env)]
             fit = [x for x in self._idle if x not in stale]
             self._idle = fit[1:]
+            for spare, _ in [*stale, *fit[:1]]:  # no longer idle
+                self._ready.discard(spare.pid)
         for spare, _ in stale:
             _end(spare)
         proc = self._hand_over(fit[0][0], argv, stderr) if fit else None
@@ -149,6 +151,7 @@ class SparePool:
                     self._pending -= 1
         with self._spawning, self._lock:  # one being started is finished first
             idle, self._idle = self._idle, []
+            self._ready.clear()
         return [r for spare, _ in idle for r in _end(spare)]
 
 
