@@ -120,7 +120,8 @@ OPTIONS: tuple[ExportOption, ...] = (
         "share-ring-queues",
         boolean,
         False,
-        "every queue thread serves every ring queue (ring-depth split among them)",
+        "every queue thread has entries on every ring queue (ring-depth split"
+        " among them): home threads serve one client, queue 0 serves several",
         "",
     ),
     ExportOption(

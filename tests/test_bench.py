@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.exporter.affinity import SAME_SOURCE, FollowClient
+from harness.exporter.affinity import ALONE, SAME_SOURCE, FollowClient
 from harness.exporter.polling import POLL_MAX_NS, POLL_START_NS, AdaptivePoll
 from harness.iotests.bench import fio
 from harness.iotests.bench.fio import BenchError
@@ -156,7 +156,32 @@ def test_follow_client_roams_for_clients_on_several_cpus() -> None:
     assert applied == [] and b.pinned_to is None
 
 
-def test_adaptive_poll_grows_to_the_gap_and_drops_after_a_long_wait() -> None:
+def test_follow_client_tells_concurrent_load_from_a_client_alone() -> None:
+    a = FollowClient([0, 1], {0, 1}, apply=lambda cpus: None)
+    for _ in range(ALONE):  # the first wakeup has no task to compare with
+        a.observe(1, 1, 100)
+    assert a.synchronous and not a.alone and not a.concurrent
+    a.observe(1, 1, 100)
+    assert a.alone
+    # Two tasks taking turns, one request per wakeup or both in one.
+    for k in range(10):
+        a.observe(1, 1, 100 + k % 2)
+    assert a.concurrent and not a.synchronous and not a.alone
+    b = FollowClient([0, 1], {0, 1}, apply=lambda cpus: None)
+    for _ in range(10):
+        b.observe(2, 0, 100, first_pid=200)
+    assert b.concurrent
+    # Requests in batches from one task: concurrent too.
+    c = FollowClient([0, 1], {0, 1}, apply=lambda cpus: None)
+    for _ in range(30):
+        c.observe(8, 0, 100)
+    assert c.concurrent
+    # Ring queues moved: the load is judged afresh, the pinning stays.
+    a.forget_load()
+    assert not (a.concurrent or a.synchronous or a.alone)
+
+
+def test_adaptive_poll_grows_to_the_gap_and_shrinks_after_long_waits() -> None:
     p = AdaptivePoll()
     windows = []
     for _ in range(6):
@@ -164,9 +189,18 @@ def test_adaptive_poll_grows_to_the_gap_and_drops_after_a_long_wait() -> None:
         windows.append(p.window_ns)
     assert windows[0] == POLL_START_NS
     assert windows == sorted(windows) and windows[-1] == POLL_MAX_NS > 40_000
-    p.slept(POLL_MAX_NS + 1)  # polling would not have caught it: stop
-    assert p.window_ns == 0 and p.sleeps == 7
-    assert p.as_dict() == {"window-ns": 0, "caught": 0, "sleeps": 7}
+    # A client that went to another CPU for a while: halved, and regrown.
+    p.slept(POLL_MAX_NS + 1)
+    assert p.window_ns == POLL_MAX_NS // 2
+    p.slept(40_000)
+    assert p.window_ns == POLL_MAX_NS
+    # Long waits go on: polling would not catch them, stop.
+    shrunk = []
+    for _ in range(5):
+        p.slept(POLL_MAX_NS + 1)
+        shrunk.append(p.window_ns)
+    assert shrunk == [32_000, 16_000, 8_000, 4_000, 0] and p.sleeps == 13
+    assert p.as_dict() == {"window-ns": 0, "caught": 0, "sleeps": 13}
 
 
 def test_uring_header_structs_match_the_two_halves() -> None:

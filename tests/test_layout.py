@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.exporter.sharing import RingSharing
 from harness.layout import layout_table, owner_of, parse_cpu_list, ring_entries_of
 
 
@@ -33,3 +34,28 @@ def test_shared_ring_entries_split_the_depth() -> None:
     assert ring_entries_of(1, 3, 4, 64, shared=False) == ([1], 64)
     assert ring_entries_of(1, 3, 4, 64, shared=True) == ([0, 1, 2, 3], 21)
     assert ring_entries_of(2, 4, 2, 2, shared=True) == ([0, 1], 1)  # at least one
+
+
+def test_sharing_gathers_concurrent_load_at_the_leader_and_sends_one_client_home() -> None:
+    s = RingSharing(queues=2, ring_queues=4)
+    assert s.owner == [0, 1, 0, 1] and s.home(3) == 1
+    # A home thread that sees concurrent load pushes its own ring queues.
+    assert s.rebalance(1, alone=False, concurrent=True) == [1, 3]
+    assert s.owner == [0, 0, 0, 0] and s.version == 2
+    # Nothing left to gather; load that is neither leaves things alone.
+    assert s.rebalance(0, alone=False, concurrent=True) == []
+    assert s.rebalance(0, alone=False, concurrent=False) == []
+    # One client alone: only the leader's view covers every CPU, so only it sends them home.
+    assert s.rebalance(1, alone=True, concurrent=False) == []
+    assert s.rebalance(0, alone=True, concurrent=False) == [1, 3]
+    assert s.owner == [0, 1, 0, 1] and s.version == 4
+    # Concurrent load at the leader pulls every ring queue.
+    assert s.rebalance(0, alone=False, concurrent=True) == [1, 3]
+
+
+def test_sharing_with_more_threads_than_cpus() -> None:
+    s = RingSharing(queues=3, ring_queues=2)
+    assert s.owner == [0, 1]
+    # Thread 2 has no home ring queue and owns nothing: it moves nothing.
+    assert s.rebalance(2, alone=False, concurrent=True) == []
+    assert s.rebalance(1, alone=False, concurrent=True) == [1]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -100,6 +102,76 @@ def test_shared_ring_queues_take_every_cpus_requests(exports, client, uring, que
     assert [data[k * 4096 : (k + 1) * 4096] for k in range(CPUS)] == [
         pattern_bytes(0x40 + k, 4096) for k in range(CPUS)
     ]
+
+
+def served(info: dict, thread: int, qid: int) -> int:
+    """Requests of ring queue qid that queue thread `thread` served."""
+    rings = info["queues"][thread]["ring-queues"]
+    return next(r["requests"] for r in rings if r["qid"] == qid)
+
+
+def on_cpu(cpu: int, tasks: int, work: Callable[[int], None]) -> None:
+    """Run work(task) in `tasks` threads pinned to one CPU, side by side."""
+
+    def pinned(task: int) -> None:
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        work(task)
+
+    with ThreadPoolExecutor(tasks) as pool:
+        for f in [pool.submit(pinned, k) for k in range(tasks)]:
+            f.result(timeout=scaled(60))
+
+
+def test_shared_ring_queues_follow_the_load(exports, uring):
+    """Shared (sharing.py): a CPU's requests go to its home queue thread; two
+    tasks taking turns on one CPU gather every ring queue at queue thread 0,
+    whose ring takes the entries over by committing them; one task alone
+    sends them home again."""
+    if CPUS < 2:
+        pytest.skip("not run: needs 2 possible CPUs")
+    exp = exports.start(io_uring="on", writable=True, queues=2, share_ring_queues=True)
+    home = [k % 2 for k in range(CPUS)]
+    assert exp.query()["ring-owners"] == home
+    fd = os.open(exp.mountpoint, os.O_RDWR)
+
+    def reads(count: int) -> Callable[[int], None]:
+        return lambda task: [os.pread(fd, 4096, task * 4096) for _ in range(count)]
+
+    def writes(task: int) -> None:
+        for _ in range(200):
+            assert os.pwrite(fd, pattern_bytes(0x60 + task, 4096), task * 4096) == 4096
+            assert os.pread(fd, 4096, task * 4096) == pattern_bytes(0x60 + task, 4096)
+
+    def owners_after(tasks: int, work: Callable[[int], None], want: list[int]) -> bool:
+        on_cpu(1, tasks, work)
+        return exp.query()["ring-owners"] == want
+
+    def state() -> str:
+        return str({k: exp.query()[k] for k in ("ring-owners", "ring-moves", "queues")})
+
+    try:
+        on_cpu(1, 1, reads(50))
+        info = exp.query()
+        assert served(info, 1, 1) >= 50 and served(info, 0, 1) == 0
+        gathered = [0] * CPUS
+        at_0 = "ring queues at thread 0"
+        wait_until(lambda: owners_after(2, writes, gathered), scaled(60), at_0, state)
+        before = exp.query()
+        assert before["queues"][0]["entries-adopted"] > 0
+        on_cpu(1, 2, writes)
+        after = exp.query()
+        assert after["ring-owners"] == gathered
+        assert served(after, 0, 1) - served(before, 0, 1) >= 2 * 400
+        assert served(after, 1, 1) == served(before, 1, 1)
+        wait_until(lambda: owners_after(1, reads(300), home), scaled(60), "ring queues home", state)
+        before = exp.query()
+        on_cpu(1, 1, reads(50))
+        after = exp.query()
+        assert served(after, 1, 1) - served(before, 1, 1) >= 50
+        assert served(after, 0, 1) == served(before, 0, 1)
+        assert os.pread(fd, 8192, 0) == pattern_bytes(0x60, 4096) + pattern_bytes(0x61, 4096)
+    finally:
+        os.close(fd)
 
 
 def test_synchronous_client_is_served_by_polling(exports, uring):

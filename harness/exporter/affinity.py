@@ -30,6 +30,8 @@ WEIGHT = 0.1
 BATCHED = 3.0
 SINGLE = 1.5
 SAME_SOURCE = 32  # lower flapped between two clients that take turns
+MIXED = 0.5  # weighted share of wakeups whose task differs from the last one's
+ALONE = 256  # wakeups in a row from one task: no other client is there (sharing.py)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class FollowClient:
     allowed: set[int]  # what the process may use; "roaming" means all of it
     apply: Callable[[set[int]], None] = field(default=lambda cpus: os.sched_setaffinity(0, cpus))
     batch: float = 1.0
+    mixed: float = 0.0
     pinned_to: int | None = None
     changes: int = 0
     _last: tuple[int, int] = (-1, -1)  # (qid, pid) of the last request
@@ -52,13 +55,32 @@ class FollowClient:
         thread should poll before it sleeps (polling.py)."""
         return self.batch < SINGLE and self._same_pid >= SAME_SOURCE
 
-    def observe(self, requests: int, qid: int, pid: int) -> None:
-        """One wakeup brought `requests` requests; the last one came from
-        task `pid` on the CPU of ring queue `qid`."""
+    @property
+    def alone(self) -> bool:
+        """Synchronous for long enough that no other client is about."""
+        return self.batch < SINGLE and self._same_pid >= ALONE
+
+    @property
+    def concurrent(self) -> bool:
+        """Requests in batches, or from tasks that take turns."""
+        return self.batch > BATCHED or self.mixed > MIXED
+
+    def forget_load(self) -> None:
+        """Requests of other ring queues come here from now on (sharing.py):
+        judge the load afresh, where the thread runs stays as it is."""
+        self.batch, self.mixed = 1.0, 0.0
+        self._same = self._same_pid = 0
+
+    def observe(self, requests: int, qid: int, pid: int, first_pid: int | None = None) -> None:
+        """One wakeup brought `requests` requests; the first one came from
+        task `first_pid` (default: `pid`), the last one from task `pid` on
+        the CPU of ring queue `qid`."""
         if requests <= 0:
             return
         self.batch += WEIGHT * (requests - self.batch)
         last_qid, last_pid = self._last
+        first = pid if first_pid is None else first_pid
+        self.mixed += WEIGHT * ((first != last_pid or pid != first) - self.mixed)
         self._same_pid = self._same_pid + 1 if pid == last_pid else 0
         self._same = self._same + 1 if qid == last_qid and pid == last_pid else 0
         self._last = (qid, pid)

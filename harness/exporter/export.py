@@ -44,6 +44,7 @@ from .protocol import (
     parse_classic,
 )
 from .qmp_server import QmpError, QmpServer, check_args
+from .sharing import RingSharing
 from .transport import ConnectionGone, DevFuseQueue, Queue
 from .uring_transport import RingHalted, RingQueue, entry_size, ring_entries
 
@@ -97,6 +98,7 @@ class Export:
         self.mount_id: int | None = None
         self.allow_other = False
         self.ring_queues = 0
+        self.sharing: RingSharing | None = None
         # Wakes the main thread: written by request_stop() from any thread and
         # by the signal handler, which must not touch threading locks (the
         # main thread may hold the very lock it would take: a self-deadlock).
@@ -163,6 +165,9 @@ class Export:
             for i in range(o.queues)
         ]
         qids, depth = max(shares, key=lambda share: len(share[0]) * share[1])
+        # Shared, a thread's ring may come to hold every thread's entries.
+        if o.share_ring_queues:
+            depth *= o.queues
         if ring_entries(len(qids) * depth) > IORING_MAX_ENTRIES:
             raise ExportError(
                 f"--ring-depth {o.ring_depth}: a queue thread would own {len(qids)} ring "
@@ -286,8 +291,12 @@ class Export:
         assert handler is not None
         o = self.opts
         uring = handler.negotiation.io_uring
+        sharing, registered = None, None
         if uring:
             self.ring_queues = possible_cpus()
+            if o.share_ring_queues:
+                self.sharing = sharing = RingSharing(o.queues, self.ring_queues)
+                registered = threading.Barrier(o.queues)
         for i in range(o.queues):
             fd = self.session_fd if i == 0 else _clone_fd(self.session_fd)
             q: Queue
@@ -305,10 +314,15 @@ class Export:
                     self.stopping,
                     poll_dev=i == 0,
                     conn_gone=self.conn_gone,
+                    sharing=sharing,
+                    registered=registered,
                 )
             else:
                 q = DevFuseQueue(i, fd, handler, self.faults, self.stopping)
             self.queues.append(q)
+        rings = [q for q in self.queues if isinstance(q, RingQueue)]
+        for r in rings:
+            r.peers = rings
         # From here on queue 0 owns the session fd and closes it.
         self.session_fd = -1
         # Only now, with the INIT reply written, may rings REGISTER.
@@ -394,7 +408,7 @@ class Export:
         for q in self.queues:
             q.close_wake_fd()
             if isinstance(q, RingQueue) and self.conn_gone.is_set():
-                n, total = q.ended_enotconn, len(q.entries)
+                n, total = q.ended_enotconn, q.held()
                 print(
                     f"export: unmounted; queue {q.index}: "
                     + ("all" if n == total else f"{n} of {total}")
@@ -471,7 +485,13 @@ class Export:
             "possible-cpus": self.ring_queues,
             "ring-layout": layout,
             "dev-requests-after-init": {"total": sum(dev_ops.values()), "opcodes": dev_ops},
+            **self._sharing_info(),
         }
+
+    def _sharing_info(self) -> dict[str, Any]:
+        if self.sharing is None:
+            return {}
+        return {"ring-owners": list(self.sharing.owner), "ring-moves": self.sharing.version}
 
     def _qmp_commands(self) -> dict[str, Any]:
         def query_block_exports(args: dict[str, Any]) -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ iodepth=1 (tools/bench qd1-jobs1: 18k sleeping, 38k polling).  So, like
 QEMU's iothreads (AioContext poll-max-ns, util/aio-posix.c), the thread
 polls the ring for a window before it sleeps.  The window adapts to the
 waits it sees: it grows while a wait was just longer than the window, and
-drops to zero after a wait longer than the maximum, where polling would
-only burn CPU.  Sans-IO: the queue thread measures, this decides.
+halves after a wait longer than the maximum (QEMU's poll-shrink), down to
+zero if such waits go on, where polling would only burn CPU.  Sans-IO:
+the queue thread measures, this decides.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 # through this Python server on the 2-vCPU guest here is about twice that.
 POLL_MAX_NS = 64_000
 POLL_START_NS = 4_000  # QEMU's first step when growing from zero
+POLL_SHRINK = 2  # QEMU's poll-shrink (its default, 0, drops the window to 0)
 
 
 @dataclass
@@ -35,7 +37,10 @@ class AdaptivePoll:
         """A wait (poll, then sleep) took `waited_ns` in all."""
         self.sleeps += 1
         if waited_ns > self.max_ns:
-            self.window_ns = 0
+            # Halved, not dropped: a client that hops to another CPU leaves
+            # one long wait here, and comes back.
+            half = self.window_ns // POLL_SHRINK
+            self.window_ns = half if half >= POLL_START_NS else 0
         elif waited_ns > self.window_ns:
             self.window_ns = min(max(2 * self.window_ns, POLL_START_NS), self.max_ns)
 

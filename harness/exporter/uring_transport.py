@@ -9,11 +9,14 @@ back with COMMIT_AND_FETCH, which also fetches the next request.
 
 Every wakeup submits all prepared commits in one io_uring_enter and handles
 every available CQE.  FUSE_INTERRUPT and FORGET still come on /dev/fuse, so
-the queue that holds the session fd polls it on the same ring.
+the queue that holds the session fd polls it on the same ring.  With shared
+ring queues (sharing.py) an entry can change threads: the COMMIT_AND_FETCH
+of another thread's ring takes it over.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import mmap
@@ -38,6 +41,7 @@ from .affinity import FollowClient
 from .faults import FaultInjector
 from .polling import AdaptivePoll
 from .protocol import ExportHandler, Request
+from .sharing import RingSharing
 from .transport import DEFERRED, ConnectionGone, DevFuseChannel, Queue
 
 # user_data of the two polls; entries use their index.
@@ -45,6 +49,9 @@ _WAKE = 1 << 62
 _DEV = _WAKE + 1
 REGISTER_RETRIES = 100
 COLLECT_TIMEOUT = 2.0
+# Shared ring queues: how long a thread waits for the others to register
+# their entries before it registers those of its home ring queues.
+REGISTER_ORDER_TIMEOUT = 10.0
 # A whole FUSE uring command SQE in one pack: the hot path.
 _CMD_SQE = uring_cmd_sqe(abi.URING_CMD_REQ)
 _COMMIT = abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH
@@ -67,7 +74,6 @@ class Entry:
     commit_id: int = 0
     retries: int = 0
     in_kernel: bool = False  # submitted, its CQE not seen yet
-    served: int = 0  # requests it carried
 
 
 def entry_size(payload_size: int) -> int:
@@ -95,6 +101,8 @@ class RingQueue(Queue):
         stopping: threading.Event,
         poll_dev: bool,
         conn_gone: threading.Event,
+        sharing: RingSharing | None = None,
+        registered: threading.Barrier | None = None,
     ) -> None:
         super().__init__(index, handler, faults, stopping)
         self.fd = fd
@@ -109,11 +117,21 @@ class RingQueue(Queue):
         self.conn_gone = conn_gone
         self._collect_deadline: float | None = None
         self.ended_enotconn = 0
-        self.entries: list[Entry] = []
+        # Indexed by user_data; a slot is None once its entry went to
+        # another thread (shared ring queues), and is reused.
+        self.entries: list[Entry | None] = []
+        self._free_slots: list[int] = []
+        self.served = dict.fromkeys(qids, 0)  # requests per ring queue
         self.ring: Ring | None = None
         self._channel: DevFuseChannel | None = None
         self.affinity = FollowClient(possible_cpu_ids(), os.sched_getaffinity(0))
         self.poll = AdaptivePoll()
+        # Shared ring queues: the other threads, the entries they hand over.
+        self.sharing = sharing
+        self._registered = registered
+        self.peers: list[RingQueue] = []
+        self._handed: collections.deque[Entry] = collections.deque()
+        self.adopted = 0
 
     # -- set-up (in the queue thread) -------------------------------------
 
@@ -159,6 +177,13 @@ class RingQueue(Queue):
             e.header, 0, _OUT_HEADER_SIZE + n, result if result < 0 else 0, unique,
             0, e.commit_id, n, 0, 0,
         )  # fmt: skip
+        sharing = self.sharing
+        if sharing is not None and sharing.owner[e.qid] != self.index:
+            # Its ring queue went to another thread: so does the entry.
+            self.entries[e.index] = None
+            self._free_slots.append(e.index)
+            self.peers[sharing.owner[e.qid]].adopt(e)
+            return
         self._submit_cmd(e, _COMMIT)
 
     # -- serving ------------------------------------------------------------
@@ -166,15 +191,17 @@ class RingQueue(Queue):
     def serve(self) -> None:
         try:
             self._allocate()
+            # Shared, the ring may come to hold every thread's entries: an
+            # entry goes where its ring queue goes (sharing.py).
+            size = len(self.entries) * (len(self.peers) if self.sharing else 1)
             # Task work (each request's completion) runs only when this
             # thread asks for completions, not as an interrupt of whatever it
             # is doing: the kernel's recommended mode for one issuer thread.
             self.ring = Ring(
-                ring_entries(len(self.entries)),
+                ring_entries(size),
                 setup_flags=IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
             )
-            for e in self.entries:
-                self._submit_cmd(e, abi.FUSE_IO_URING_CMD_REGISTER)
+            self._register()
             self.ring.prep_poll_add(self.wake_fd, select.POLLIN, _WAKE)
             if self.poll_dev:
                 self._channel = DevFuseChannel(self.fd, self.payload_size)
@@ -187,35 +214,90 @@ class RingQueue(Queue):
         finally:
             # Closing the ring cancels the pending commands (the kernel
             # completes them with -ENOTCONN, unseen); then our fd goes.
+            if self._registered is not None:
+                self._registered.abort()  # a thread that failed frees the others
             if self.ring is not None:
                 self.ring.close()
             os.close(self.fd)
             self.fd = -1
 
+    def _register(self) -> None:
+        """REGISTER every entry.  Shared, the entries of a thread's home ring
+        queues go last, after every thread registered the others: the kernel
+        hands a request to the entry that was registered or committed last,
+        so each CPU's requests go to its home thread first."""
+        assert self.ring is not None
+        sharing, barrier = self.sharing, self._registered
+        entries = [e for e in self.entries if e is not None]
+        if sharing is None or barrier is None:
+            first, last = entries, []
+        else:
+            last = [e for e in entries if sharing.home(e.qid) == self.index]
+            first = [e for e in entries if sharing.home(e.qid) != self.index]
+        for e in first:
+            self._submit_cmd(e, abi.FUSE_IO_URING_CMD_REGISTER)
+        if barrier is not None:
+            self.ring.submit()
+            try:
+                barrier.wait(REGISTER_ORDER_TIMEOUT)
+            except threading.BrokenBarrierError:
+                raise RingHalted("another queue thread did not register its entries") from None
+        for e in last:
+            self._submit_cmd(e, abi.FUSE_IO_URING_CMD_REGISTER)
+
+    def adopt(self, e: Entry) -> None:
+        """From another thread: commit entry e (its reply is written) from
+        this thread's ring, which makes the entry ours."""
+        self._handed.append(e)
+        self.wake()
+
+    def _commit_handed(self) -> None:
+        while self._handed:
+            e = self._handed.popleft()
+            if self._free_slots:
+                e.index = self._free_slots.pop()
+                self.entries[e.index] = e
+            else:
+                e.index = len(self.entries)
+                self.entries.append(e)
+            self.adopted += 1
+            self._submit_cmd(e, _COMMIT)
+
     def _loop(self) -> None:
         ring = self.ring
         assert ring is not None
-        entries, affinity = self.entries, self.affinity
+        entries, affinity, sharing = self.entries, self.affinity, self.sharing
+        seen: tuple[bool, bool, int] | None = None  # the load rebalance last saw
         while not self.stopping.is_set() or self._collecting():
             if affinity.synchronous:
                 self._poll_then_wait(ring)
             else:
                 ring.submit_and_wait(1)
-            requests, qid, pid = 0, 0, 0
+            requests, qid, pid, first = 0, 0, 0, 0
             for user_data, res, _ in ring.reap():
                 if user_data < _WAKE:
                     e = entries[user_data]
+                    assert e is not None
                     pid = self._entry_done(e, res)
+                    if not requests:
+                        first = pid
                     requests, qid = requests + 1, e.qid
                 elif user_data == _WAKE:
                     self.drain_wake_fd()
                     self.run_ready()
+                    self._commit_handed()
                     ring.prep_poll_add(self.wake_fd, select.POLLIN, _WAKE)
                 else:
                     self._dev_ready(res)
                 if self.stopping.is_set() and not self._collecting():
                     return
-            affinity.observe(requests, qid, pid)
+            affinity.observe(requests, qid, pid, first)
+            if sharing is not None and requests:
+                load = (affinity.alone, affinity.concurrent, sharing.version)
+                if load != seen:
+                    if sharing.rebalance(self.index, load[0], load[1]):
+                        affinity.forget_load()
+                    seen = (affinity.alone, affinity.concurrent, sharing.version)
 
     def _poll_then_wait(self, ring: Ring) -> None:
         """Wait for a CQE, serving a synchronous client: poll the ring for
@@ -245,7 +327,7 @@ class RingQueue(Queue):
             self._collect_deadline = time.monotonic() + COLLECT_TIMEOUT
         if time.monotonic() > self._collect_deadline:
             return False
-        return any(e.in_kernel for e in self.entries)
+        return any(e is not None and e.in_kernel for e in self.entries)
 
     def _entry_done(self, e: Entry, res: int) -> int:
         """Serve the request that completed entry e; its task's pid (0: none)."""
@@ -260,7 +342,7 @@ class RingQueue(Queue):
         if commit_id == 0:
             raise RingHalted(f"request on qid {e.qid} has commit_id 0")
         e.commit_id = commit_id
-        e.served += 1
+        self.served[e.qid] += 1
         # Views of the entry's own buffers: no copy, valid until the commit.
         op_in = hdr[abi.URING_OP_IN_OFFSET : abi.URING_ENT_IN_OUT_OFFSET]
         req = Request(opcode, unique, nodeid, uid, gid, pid, op_in, e.payload[:payload_sz])
@@ -310,12 +392,16 @@ class RingQueue(Queue):
         self.drain_channel(self._channel, self.dev_per_op)
         self.ring.prep_poll_add(self.fd, select.POLLIN, _DEV)
 
+    def held(self) -> int:
+        """Entries this thread serves now."""
+        return sum(e is not None for e in self.entries)
+
     def stats(self) -> dict[str, Any]:
         s = super().stats()
-        per_qid = dict.fromkeys(self.qids, 0)
-        for e in self.entries:
-            per_qid[e.qid] += e.served
-        s["ring-queues"] = [{"qid": q, "requests": n} for q, n in per_qid.items()]
+        s["ring-queues"] = [{"qid": q, "requests": n} for q, n in self.served.items()]
+        if self.sharing is not None:
+            s["entries-held"] = self.held()
+            s["entries-adopted"] = self.adopted
         s["affinity-changes"] = self.affinity.changes
         s["poll"] = self.poll.as_dict()
         return s
