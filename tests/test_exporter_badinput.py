@@ -81,6 +81,23 @@ CASES = {
         ["--image", "{img}", "--mountpoint", "{mp}", "--io-uring", "on", "--ring-depth", "100000"],
         "--ring-depth 100000: a queue thread would own",
     ),
+    # Shared, any thread's ring may come to hold every thread's entries.
+    "shared-rings-deeper-than-io-uring": (
+        [
+            "--image",
+            "{img}",
+            "--mountpoint",
+            "{mp}",
+            "--io-uring",
+            "on",
+            "--queues",
+            "4",
+            "--share-ring-queues",
+            "--ring-depth",
+            "30000",  # owned, 30000 entries per ring would do
+        ],
+        "--ring-depth 30000: a queue thread would hold (shared) up to",
+    ),
     "ring-bigger-than-memory": (
         [
             "--image",

@@ -165,12 +165,12 @@ class Export:
             for i in range(o.queues)
         ]
         qids, depth = max(shares, key=lambda share: len(share[0]) * share[1])
-        # Shared, a thread's ring may come to hold every thread's entries.
-        if o.share_ring_queues:
-            depth *= o.queues
+        holds = "own"
+        if o.share_ring_queues:  # a thread's ring may come to hold every thread's entries
+            depth, holds = depth * o.queues, "hold (shared) up to"
         if ring_entries(len(qids) * depth) > IORING_MAX_ENTRIES:
             raise ExportError(
-                f"--ring-depth {o.ring_depth}: a queue thread would own {len(qids)} ring "
+                f"--ring-depth {o.ring_depth}: a queue thread would {holds} {len(qids)} ring "
                 f"queue(s) x {depth} entries, more than io_uring's {IORING_MAX_ENTRIES}"
             )
         entry = entry_size(ExportConfig(max_write=o.max_write).payload_size)
