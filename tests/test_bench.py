@@ -176,9 +176,16 @@ def test_follow_client_tells_concurrent_load_from_a_client_alone() -> None:
     for _ in range(30):
         c.observe(8, 0, 100)
     assert c.concurrent
-    # Ring queues moved: the load is judged afresh, the pinning stays.
-    a.forget_load()
-    assert not (a.concurrent or a.synchronous or a.alone)
+    # Ring queues moved: concurrent or alone is judged afresh; pinning and
+    # polling keep their evidence (the client did not change).
+    d = FollowClient([0, 1], {0, 1}, apply=lambda cpus: None)
+    for _ in range(ALONE + 1):
+        d.observe(1, 1, 100)
+    assert d.alone and d.pinned_to == 1
+    d.forget_load()
+    assert not (d.alone or d.concurrent) and d.synchronous and d.pinned_to == 1
+    d.observe(1, 1, 100)
+    assert d.pinned_to == 1 and not d.alone
 
 
 def test_adaptive_poll_grows_to_the_gap_and_shrinks_after_long_waits() -> None:

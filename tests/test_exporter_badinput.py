@@ -14,6 +14,7 @@ import pytest
 
 from harness.iotests.targets.reference import run_exporter
 from harness.kernel.mount import find_mount
+from harness.layout import possible_cpus
 
 
 def fingerprint(path: Path) -> tuple[str, int, int]:
@@ -175,6 +176,8 @@ def watcher(files: dict[str, Path]) -> Iterator[MountWatcher]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input(files: dict[str, Path], watcher: MountWatcher, case: str) -> None:
     args, message = CASES[case]
+    if case.startswith("shared-") and possible_cpus() < 2:
+        pytest.skip("not run: with one possible CPU shared and owned rings are the same size")
     subst = {k: str(v) for k, v in files.items()}
     before = fingerprint(files["img"])
     extra = [] if case == "growable-read-only" else ["--writable"]

@@ -48,6 +48,7 @@ class FollowClient:
     _last: tuple[int, int] = (-1, -1)  # (qid, pid) of the last request
     _same: int = 0  # wakeups in a row whose last request came from _last
     _same_pid: int = 0  # wakeups in a row from _last's task, on any CPU
+    _alone: int = 0  # the same, counted since the load was last forgotten
 
     @property
     def synchronous(self) -> bool:
@@ -58,7 +59,7 @@ class FollowClient:
     @property
     def alone(self) -> bool:
         """Synchronous for long enough that no other client is about."""
-        return self.batch < SINGLE and self._same_pid >= ALONE
+        return self.batch < SINGLE and self._alone >= ALONE
 
     @property
     def concurrent(self) -> bool:
@@ -66,10 +67,10 @@ class FollowClient:
         return self.batch > BATCHED or self.mixed > MIXED
 
     def forget_load(self) -> None:
-        """Requests of other ring queues come here from now on (sharing.py):
-        judge the load afresh, where the thread runs stays as it is."""
-        self.batch, self.mixed = 1.0, 0.0
-        self._same = self._same_pid = 0
+        """Ring queues changed threads (sharing.py): judge whether the load
+        is concurrent or one client alone afresh.  Pinning and polling keep
+        their evidence: the client did not change."""
+        self.batch, self.mixed, self._alone = 1.0, 0.0, 0
 
     def observe(self, requests: int, qid: int, pid: int, first_pid: int | None = None) -> None:
         """One wakeup brought `requests` requests; the first one came from
@@ -82,6 +83,7 @@ class FollowClient:
         first = pid if first_pid is None else first_pid
         self.mixed += WEIGHT * ((first != last_pid or pid != first) - self.mixed)
         self._same_pid = self._same_pid + 1 if pid == last_pid else 0
+        self._alone = self._alone + 1 if pid == last_pid else 0
         self._same = self._same + 1 if qid == last_qid and pid == last_pid else 0
         self._last = (qid, pid)
         # Wakeups in a row from one task on one CPU: a synchronous client,

@@ -99,6 +99,8 @@ class Export:
         self.allow_other = False
         self.ring_queues = 0
         self.sharing: RingSharing | None = None
+        # Shared ring queues: the threads register home entries after it.
+        self.registered: threading.Barrier | None = None
         # Wakes the main thread: written by request_stop() from any thread and
         # by the signal handler, which must not touch threading locks (the
         # main thread may hold the very lock it would take: a self-deadlock).
@@ -296,7 +298,7 @@ class Export:
             self.ring_queues = possible_cpus()
             if o.share_ring_queues:
                 self.sharing = sharing = RingSharing(o.queues, self.ring_queues)
-                registered = threading.Barrier(o.queues)
+                self.registered = registered = threading.Barrier(o.queues)
         for i in range(o.queues):
             fd = self.session_fd if i == 0 else _clone_fd(self.session_fd)
             q: Queue
@@ -394,6 +396,8 @@ class Export:
     def _teardown(self) -> None:
         self.stopping.set()
         self.faults.shutdown()
+        if self.registered is not None:
+            self.registered.abort()  # threads that wait for one that never came
         deadline = time.monotonic() + STOP_TIMEOUT
         for q, t in zip(self.queues, self.threads, strict=False):
             # Wake it again and again: a ring queue collecting its entries

@@ -19,9 +19,10 @@ Two loads want different owners (tools/bench --profile, 2 vCPUs):
   by one thread, the leader: two busy Python threads hand the GIL back and
   forth, with a futex wake and a switch each time.
 
-So the home threads register last and start with their CPUs' requests;
-concurrent load seen by any thread moves every ring queue to the leader,
-and a synchronous client alone at the leader for a while sends them home.
+So the home threads register last and start with their CPUs' requests; a
+thread that sees concurrent load moves its ring queues to the leader (the
+leader pulls them all), and a synchronous client alone at the leader for a
+while sends them home.  After any move every thread judges its load afresh.
 Sans-IO: the queue threads report what they see and move the entries;
 this decides.
 """

@@ -1,7 +1,8 @@
 """FUSE-over-io_uring: a queue thread that serves its ring queues.
 
 Each queue thread owns one io_uring and registers, from its own thread, the
-entries of the ring queues (qids) it owns.  An entry is a 288-byte
+entries of the ring queues (qids) it owns, or with shared ring queues
+(sharing.py) entries on every ring queue.  An entry is a 288-byte
 fuse_uring_req_header plus a payload buffer.  A request arrives as the CQE
 of the entry's REGISTER or COMMIT_AND_FETCH; the reply is written into the
 same entry (out header in in_out, all arguments in the payload) and goes
@@ -9,9 +10,9 @@ back with COMMIT_AND_FETCH, which also fetches the next request.
 
 Every wakeup submits all prepared commits in one io_uring_enter and handles
 every available CQE.  FUSE_INTERRUPT and FORGET still come on /dev/fuse, so
-the queue that holds the session fd polls it on the same ring.  With shared
-ring queues (sharing.py) an entry can change threads: the COMMIT_AND_FETCH
-of another thread's ring takes it over.
+the queue that holds the session fd polls it on the same ring.  Shared, an
+entry can change threads: the COMMIT_AND_FETCH of another thread's ring
+takes it over.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ REGISTER_RETRIES = 100
 COLLECT_TIMEOUT = 2.0
 # Shared ring queues: how long a thread waits for the others to register
 # their entries before it registers those of its home ring queues.
-REGISTER_ORDER_TIMEOUT = 10.0
+REGISTER_ORDER_TIMEOUT = 5.0  # below the exporter's READY_TIMEOUT
 # A whole FUSE uring command SQE in one pack: the hot path.
 _CMD_SQE = uring_cmd_sqe(abi.URING_CMD_REQ)
 _COMMIT = abi.FUSE_IO_URING_CMD_COMMIT_AND_FETCH
@@ -177,13 +178,15 @@ class RingQueue(Queue):
             e.header, 0, _OUT_HEADER_SIZE + n, result if result < 0 else 0, unique,
             0, e.commit_id, n, 0, 0,
         )  # fmt: skip
-        sharing = self.sharing
-        if sharing is not None and sharing.owner[e.qid] != self.index:
-            # Its ring queue went to another thread: so does the entry.
-            self.entries[e.index] = None
-            self._free_slots.append(e.index)
-            self.peers[sharing.owner[e.qid]].adopt(e)
-            return
+        if self.sharing is not None:
+            owner = self.sharing.owner[e.qid]
+            # Its ring queue went to another thread: so does the entry,
+            # unless that thread is held by a stall and would hold the reply.
+            if owner != self.index and not self.peers[owner].stalled:
+                self.entries[e.index] = None
+                self._free_slots.append(e.index)
+                self.peers[owner].adopt(e)
+                return
         self._submit_cmd(e, _COMMIT)
 
     # -- serving ------------------------------------------------------------
@@ -267,7 +270,8 @@ class RingQueue(Queue):
         ring = self.ring
         assert ring is not None
         entries, affinity, sharing = self.entries, self.affinity, self.sharing
-        seen: tuple[bool, bool, int] | None = None  # the load rebalance last saw
+        version = 0  # of the ring queue owners, when this thread last looked
+        asked: tuple[bool, bool] | None = None  # the load rebalance last saw
         while not self.stopping.is_set() or self._collecting():
             if affinity.synchronous:
                 self._poll_then_wait(ring)
@@ -293,11 +297,15 @@ class RingQueue(Queue):
                     return
             affinity.observe(requests, qid, pid, first)
             if sharing is not None and requests:
-                load = (affinity.alone, affinity.concurrent, sharing.version)
-                if load != seen:
-                    if sharing.rebalance(self.index, load[0], load[1]):
-                        affinity.forget_load()
-                    seen = (affinity.alone, affinity.concurrent, sharing.version)
+                if sharing.version != version:
+                    # Ring queues moved (here or elsewhere): what this
+                    # thread saw before says nothing about its load now.
+                    version, asked = sharing.version, None
+                    affinity.forget_load()
+                load = (affinity.alone, affinity.concurrent)
+                if load != asked:
+                    asked = load
+                    sharing.rebalance(self.index, *load)
 
     def _poll_then_wait(self, ring: Ring) -> None:
         """Wait for a CQE, serving a synchronous client: poll the ring for
