@@ -43,11 +43,8 @@ def ring_entries_of(
 ) -> tuple[list[int], int]:
     """The ring queues queue thread `queue` registers entries on, and how many on each.
 
-    Shared, the depth is split (at least one entry each).  The kernel hands
-    a request to the entry that came back last (fuse_uring_ent_avail() puts
-    it first), so under load one thread serves while the others stand by
-    and take over only when its entries are all out: with the GIL that
-    beats threads that each wait for their own ring queues' requests.
+    Shared, the depth is split (at least one entry each); which thread
+    serves a ring queue then follows the load (exporter/sharing.py).
     """
     if shared:
         return list(range(ring_queues)), max(1, depth // queues)

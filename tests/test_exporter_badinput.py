@@ -32,6 +32,8 @@ def files(tmp_path: Path) -> dict[str, Path]:
     return {"img": img, "mp": mp, "dir": tmp_path / "dir", "tmp": tmp_path}
 
 
+# The cases about ring limits start from an io_uring export of the image.
+URING = ["--image", "{img}", "--mountpoint", "{mp}", "--io-uring", "on"]
 CASES = {
     "missing-image": (
         ["--image", "{tmp}/nope.img", "--mountpoint", "{mp}"],
@@ -79,41 +81,17 @@ CASES = {
         "--queues 100000: at most 256 queue threads",
     ),
     "ring-deeper-than-io-uring": (
-        ["--image", "{img}", "--mountpoint", "{mp}", "--io-uring", "on", "--ring-depth", "100000"],
+        [*URING, "--ring-depth", "100000"],
         "--ring-depth 100000: a queue thread would own",
     ),
-    # Shared, any thread's ring may come to hold every thread's entries.
+    # Shared, any thread's ring may come to hold every thread's entries;
+    # owned, 30000 entries per ring would do.
     "shared-rings-deeper-than-io-uring": (
-        [
-            "--image",
-            "{img}",
-            "--mountpoint",
-            "{mp}",
-            "--io-uring",
-            "on",
-            "--queues",
-            "4",
-            "--share-ring-queues",
-            "--ring-depth",
-            "30000",  # owned, 30000 entries per ring would do
-        ],
+        [*URING, "--queues", "4", "--share-ring-queues", "--ring-depth", "30000"],
         "--ring-depth 30000: a queue thread would hold (shared) up to",
     ),
     "ring-bigger-than-memory": (
-        [
-            "--image",
-            "{img}",
-            "--mountpoint",
-            "{mp}",
-            "--io-uring",
-            "on",
-            "--queues",
-            "64",
-            "--ring-depth",
-            "30000",
-            "--max-write",
-            "1M",
-        ],
+        [*URING, "--queues", "64", "--ring-depth", "30000", "--max-write", "1M"],
         "--ring-depth 30000: the ring buffers would take",
     ),
     "max-write-too-big": (

@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from harness.iotests.targets.reference import run_exporter
 from harness.iotests.timeouts import scaled
-from harness.iotests.waiting import wait_until
+from harness.iotests.waiting import kernel_stacks, wait_until
 from harness.kernel.mount import find_mount
 from harness.kernel.params import ENABLE_URING, enable_uring_set_to, read_param
 from harness.layout import possible_cpus
@@ -111,15 +111,28 @@ def served(info: dict, thread: int, qid: int) -> int:
 
 
 def on_cpu(cpu: int, tasks: int, work: Callable[[int], None]) -> None:
-    """Run work(task) in `tasks` threads pinned to one CPU, side by side."""
+    """Run work(task) in `tasks` threads pinned to one CPU, side by side;
+    raise what a thread raised, or report the threads still in I/O."""
+    errors: list[BaseException] = []
 
     def pinned(task: int) -> None:
-        os.sched_setaffinity(0, {cpu})  # this thread only
-        work(task)
+        try:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            work(task)
+        except BaseException as e:
+            errors.append(e)
 
-    with ThreadPoolExecutor(tasks) as pool:
-        for f in [pool.submit(pinned, k) for k in range(tasks)]:
-            f.result(timeout=scaled(60))
+    threads = [threading.Thread(target=pinned, args=(k,), daemon=True) for k in range(tasks)]
+    for t in threads:
+        t.start()
+    wait_until(
+        lambda: not any(t.is_alive() for t in threads),
+        scaled(60),
+        f"{tasks} client thread(s) on CPU {cpu}",
+        lambda: kernel_stacks(os.getpid()),
+    )
+    if errors:
+        raise errors[0]
 
 
 def test_shared_ring_queues_follow_the_load(exports, uring):

@@ -99,8 +99,6 @@ class Export:
         self.allow_other = False
         self.ring_queues = 0
         self.sharing: RingSharing | None = None
-        # Shared ring queues: the threads register home entries after it.
-        self.registered: threading.Barrier | None = None
         # Wakes the main thread: written by request_stop() from any thread and
         # by the signal handler, which must not touch threading locks (the
         # main thread may hold the very lock it would take: a self-deadlock).
@@ -176,7 +174,7 @@ class Export:
                 f"queue(s) x {depth} entries, more than io_uring's {IORING_MAX_ENTRIES}"
             )
         entry = entry_size(ExportConfig(max_write=o.max_write).payload_size)
-        total = sum(len(qids) * depth for qids, depth in shares)
+        total = sum(len(share[0]) * share[1] for share in shares)
         need = total * entry
         avail = _mem_available()
         if avail is not None and need > avail // 2:
@@ -293,12 +291,10 @@ class Export:
         assert handler is not None
         o = self.opts
         uring = handler.negotiation.io_uring
-        sharing, registered = None, None
         if uring:
             self.ring_queues = possible_cpus()
             if o.share_ring_queues:
-                self.sharing = sharing = RingSharing(o.queues, self.ring_queues)
-                self.registered = registered = threading.Barrier(o.queues)
+                self.sharing = RingSharing(o.queues, self.ring_queues)
         for i in range(o.queues):
             fd = self.session_fd if i == 0 else _clone_fd(self.session_fd)
             q: Queue
@@ -316,8 +312,7 @@ class Export:
                     self.stopping,
                     poll_dev=i == 0,
                     conn_gone=self.conn_gone,
-                    sharing=sharing,
-                    registered=registered,
+                    sharing=self.sharing,
                 )
             else:
                 q = DevFuseQueue(i, fd, handler, self.faults, self.stopping)
@@ -396,8 +391,8 @@ class Export:
     def _teardown(self) -> None:
         self.stopping.set()
         self.faults.shutdown()
-        if self.registered is not None:
-            self.registered.abort()  # threads that wait for one that never came
+        if self.sharing is not None:
+            self.sharing.registered.abort()  # threads that wait for one that never came
         deadline = time.monotonic() + STOP_TIMEOUT
         for q, t in zip(self.queues, self.threads, strict=False):
             # Wake it again and again: a ring queue collecting its entries

@@ -44,11 +44,15 @@ class RingSharing:
     queues: int
     ring_queues: int
     owner: list[int] = field(init=False)  # per ring queue: the thread that serves it
+    # Passed by every thread once it has registered its entries on other
+    # threads' home ring queues: home entries go last (uring_transport.py).
+    registered: threading.Barrier = field(init=False)
     version: int = 0  # owner changes so far
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.owner = [self.home(qid) for qid in range(self.ring_queues)]
+        self.registered = threading.Barrier(self.queues)
 
     def home(self, qid: int) -> int:
         """The thread that serves ring queue qid at start-up (QEMU's k mod N)."""

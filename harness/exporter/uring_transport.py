@@ -103,7 +103,6 @@ class RingQueue(Queue):
         poll_dev: bool,
         conn_gone: threading.Event,
         sharing: RingSharing | None = None,
-        registered: threading.Barrier | None = None,
     ) -> None:
         super().__init__(index, handler, faults, stopping)
         self.fd = fd
@@ -129,7 +128,6 @@ class RingQueue(Queue):
         self.poll = AdaptivePoll()
         # Shared ring queues: the other threads, the entries they hand over.
         self.sharing = sharing
-        self._registered = registered
         self.peers: list[RingQueue] = []
         self._handed: collections.deque[Entry] = collections.deque()
         self.adopted = 0
@@ -217,8 +215,8 @@ class RingQueue(Queue):
         finally:
             # Closing the ring cancels the pending commands (the kernel
             # completes them with -ENOTCONN, unseen); then our fd goes.
-            if self._registered is not None:
-                self._registered.abort()  # a thread that failed frees the others
+            if self.sharing is not None:
+                self.sharing.registered.abort()  # a thread that failed frees the others
             if self.ring is not None:
                 self.ring.close()
             os.close(self.fd)
@@ -230,19 +228,19 @@ class RingQueue(Queue):
         hands a request to the entry that was registered or committed last,
         so each CPU's requests go to its home thread first."""
         assert self.ring is not None
-        sharing, barrier = self.sharing, self._registered
+        sharing = self.sharing
         entries = [e for e in self.entries if e is not None]
-        if sharing is None or barrier is None:
+        if sharing is None:
             first, last = entries, []
         else:
             last = [e for e in entries if sharing.home(e.qid) == self.index]
             first = [e for e in entries if sharing.home(e.qid) != self.index]
         for e in first:
             self._submit_cmd(e, abi.FUSE_IO_URING_CMD_REGISTER)
-        if barrier is not None:
+        if sharing is not None:
             self.ring.submit()
             try:
-                barrier.wait(REGISTER_ORDER_TIMEOUT)
+                sharing.registered.wait(REGISTER_ORDER_TIMEOUT)
             except threading.BrokenBarrierError:
                 raise RingHalted("another queue thread did not register its entries") from None
         for e in last:
