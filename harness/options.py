@@ -125,6 +125,14 @@ OPTIONS: tuple[ExportOption, ...] = (
         "",
     ),
     ExportOption(
+        "queue-processes",
+        boolean,
+        False,
+        "io_uring: each queue in a process of its own, no GIL between them"
+        " (data requests served there, the rest forwarded)",
+        "",
+    ),
+    ExportOption(
         "max-write",
         size_bytes,
         128 << 10,

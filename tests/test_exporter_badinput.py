@@ -90,6 +90,14 @@ CASES = {
         [*URING, "--queues", "4", "--share-ring-queues", "--ring-depth", "30000"],
         "--ring-depth 30000: a queue thread would hold (shared) up to",
     ),
+    "queue-processes-without-io-uring": (
+        ["--image", "{img}", "--mountpoint", "{mp}", "--queue-processes"],
+        "--queue-processes needs --io-uring on or auto",
+    ),
+    "queue-processes-and-shared-rings": (
+        [*URING, "--queues", "2", "--queue-processes", "--share-ring-queues"],
+        "--queue-processes and --share-ring-queues exclude each other",
+    ),
     "ring-bigger-than-memory": (
         [*URING, "--queues", "64", "--ring-depth", "30000", "--max-write", "1M"],
         "--ring-depth 30000: the ring buffers would take",

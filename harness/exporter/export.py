@@ -36,6 +36,7 @@ from ..layout import possible_cpus, ring_entries_of
 from ..options import BY_KEY, FSTYPE, OPTIONS, Settings
 from .backend import Backend, ImageBackend, NullBackend
 from .faults import FaultError, FaultInjector
+from .processes import ChildRingQueue, Link, QueueProcess, SharedState, pair, run_child
 from .protocol import (
     BASE_FLAGS,
     ExportConfig,
@@ -99,6 +100,7 @@ class Export:
         self.allow_other = False
         self.ring_queues = 0
         self.sharing: RingSharing | None = None
+        self.shared: SharedState | None = None  # with queue processes
         # Wakes the main thread: written by request_stop() from any thread and
         # by the signal handler, which must not touch threading locks (the
         # main thread may hold the very lock it would take: a self-deadlock).
@@ -150,6 +152,11 @@ class Export:
             raise ExportError("--max-write must be a multiple of 4 KiB between 4 KiB and 1 MiB")
         if o.growable and not o.writable:
             raise ExportError("--growable requires --writable")
+        if o.queue_processes and o.io_uring == "off":
+            raise ExportError("--queue-processes needs --io-uring on or auto")
+        if o.queue_processes and o.share_ring_queues:
+            # An entry handed over lives in one process's memory.
+            raise ExportError("--queue-processes and --share-ring-queues exclude each other")
         if o.io_uring != "off":
             self._validate_rings()
 
@@ -295,6 +302,11 @@ class Export:
             self.ring_queues = possible_cpus()
             if o.share_ring_queues:
                 self.sharing = RingSharing(o.queues, self.ring_queues)
+            if o.queue_processes:
+                assert self.backend is not None
+                self.shared = SharedState(self.backend.size)
+                self.faults.on_change = self.shared.set_rules
+        links: list[Link] = []  # the exporter's ends, one per queue process
         for i in range(o.queues):
             fd = self.session_fd if i == 0 else _clone_fd(self.session_fd)
             q: Queue
@@ -302,7 +314,12 @@ class Export:
                 qids, depth = ring_entries_of(
                     i, o.queues, self.ring_queues, o.ring_depth, o.share_ring_queues
                 )
-                q = RingQueue(
+                extra: dict[str, Any] = {}
+                if self.shared is not None:
+                    ours, theirs = pair()
+                    links.append(ours)
+                    extra = {"link": theirs, "shared": self.shared}
+                q = (ChildRingQueue if extra else RingQueue)(
                     i,
                     fd,
                     qids,
@@ -313,6 +330,7 @@ class Export:
                     poll_dev=i == 0,
                     conn_gone=self.conn_gone,
                     sharing=self.sharing,
+                    **extra,
                 )
             else:
                 q = DevFuseQueue(i, fd, handler, self.faults, self.stopping)
@@ -323,6 +341,8 @@ class Export:
         # From here on queue 0 owns the session fd and closes it.
         self.session_fd = -1
         # Only now, with the INIT reply written, may rings REGISTER.
+        if links:
+            self._fork_queues(links)
         for q in self.queues:
             t = threading.Thread(target=self._serve, args=(q,), name=f"queue{q.index}", daemon=True)
             self.threads.append(t)
@@ -334,6 +354,22 @@ class Export:
                     raise ExportError(f"Queue {q.index} failed to start: {self.stop_reason}")
                 if time.monotonic() > deadline:
                     raise ExportError(f"Queue {q.index} not ready within {READY_TIMEOUT:.0f} s")
+
+    def _fork_queues(self, links: list[Link]) -> None:
+        """--queue-processes: a child per queue serves its rings; in its
+        place stays a QueueProcess.  Forked before any thread of ours runs."""
+        children = [q for q in self.queues if isinstance(q, ChildRingQueue)]
+        parent = os.getpid()
+        for i, (q, ours) in enumerate(zip(children, links, strict=True)):
+            pid = os.fork()
+            if pid == 0:  # what belongs to the others goes: ours, later children's
+                later = children[i + 1 :]
+                fds = [fd for c in later for fd in (c.fd, c.wake_fd)]
+                run_child(q, parent, fds, [c.link for c in later] + links)
+            os.close(q.fd)
+            q.close_wake_fd()
+            q.link.sock.close()
+            self.queues[q.index] = QueueProcess(q, pid, ours, self.faults, self.conn_gone)
 
     def _serve(self, q: Queue) -> None:
         try:
@@ -406,7 +442,7 @@ class Export:
                 self.status = 1
         for q in self.queues:
             q.close_wake_fd()
-            if isinstance(q, RingQueue) and self.conn_gone.is_set():
+            if isinstance(q, RingQueue | QueueProcess) and self.conn_gone.is_set():
                 n, total = q.ended_enotconn, q.held()
                 print(
                     f"export: unmounted; queue {q.index}: "
@@ -469,7 +505,7 @@ class Export:
         }
 
     def _ring_info(self) -> dict[str, Any]:
-        rings = [q for q in self.queues if isinstance(q, RingQueue)]
+        rings = [q for q in self.queues if isinstance(q, RingQueue | QueueProcess)]
         if not rings:
             return {}
         layout = sorted(

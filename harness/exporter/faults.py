@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,9 @@ class FaultInjector:
         # Read without the lock on the hot path: an empty list means no work.
         self.rules: list[Rule] = []
         self._parked: dict[int, Deferred] = {}  # by unique
+        # Told how many rules there are whenever that changes: queue
+        # processes (processes.py) read it from a shared page.
+        self.on_change: Callable[[int], None] | None = None
 
     # -- control side -----------------------------------------------------
 
@@ -114,6 +118,7 @@ class FaultInjector:
             rule = Rule(f"f{self._next_id}", action, op, offset, err, delay_ms or 0, count)
             self._next_id += 1
             self.rules = [*self.rules, rule]
+        self._changed()
         return rule
 
     def release(self, rule_id: str | None = None) -> int:
@@ -127,6 +132,7 @@ class FaultInjector:
             for d in freed:
                 del self._parked[d.req.unique]
             stalled = sum(r.stalled for r in gone)
+        self._changed()
         for r in gone:
             r.released.set()
         for d in freed:
@@ -201,6 +207,11 @@ class FaultInjector:
             for r in self.rules:
                 r.released.set()
             self.rules = []
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(len(self.rules))
 
     def _expire(self, unique: int) -> None:
         with self._lock:

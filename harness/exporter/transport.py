@@ -98,10 +98,14 @@ class Queue:
         raise NotImplementedError
 
     def dispatch(self, req: Request, out: memoryview, token: Any = None) -> Reply | _Deferred:
-        """Run one request through fault injection and the handler."""
+        """Count one request, then run it through fault injection and the handler."""
         self.requests += 1
         if req.opcode < 64:  # not CUSE_INIT (4096)
             self.per_op[req.opcode] += 1
+        return self.apply(req, out, token)
+
+    def apply(self, req: Request, out: memoryview, token: Any = None) -> Reply | _Deferred:
+        """Fault injection, then the handler."""
         if self.faults.rules:
             rule = self.faults.match(req)
             if rule is not None:
@@ -128,11 +132,14 @@ class Queue:
     def run_ready(self) -> None:
         """Finish requests released by fault injection."""
         while self._ready:
-            d = self._ready.popleft()
-            out = self.out_buffer(d.token)
-            result = d.result if d.result is not None else self.handler.handle(d.req, out)
-            if result is not None:
-                self.reply(d.req.unique, result, d.token)
+            self.finish(self._ready.popleft())
+
+    def finish(self, d: Deferred) -> None:
+        """Answer a released request (the handler runs now, unless it failed)."""
+        out = self.out_buffer(d.token)
+        result = d.result if d.result is not None else self.handler.handle(d.req, out)
+        if result is not None:
+            self.reply(d.req.unique, result, d.token)
 
     def drain_channel(self, channel: DevFuseChannel, tally: dict[str, int] | None = None) -> None:
         """Serve every request waiting on a /dev/fuse fd; tally them by name."""

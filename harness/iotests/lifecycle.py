@@ -147,6 +147,16 @@ class ExporterProcess:
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def pids(self) -> list[int]:
+        """The exporter and its child processes (queue processes), for
+        whoever counts what the export costs."""
+        pids = [self.pid]
+        with contextlib.suppress(OSError):  # it just exited
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{tid}/children") as f:
+                    pids += [int(p) for p in f.read().split()]
+        return pids
+
     def stderr(self) -> str:
         try:
             return self.stderr_path.read_text(errors="replace")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..kernel.libc import die_with_parent
 from ..kernel.mount import mount_table, umount_or_detach
 from .cleanup import run_all
 from .waiting import WaitTimeout, kernel_stacks
@@ -75,18 +75,6 @@ def _may_delete(d: str) -> bool:
 
 CGROUP_PREFIX = "fuse-iotests-run-"
 REAP_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
-    """preexec_fn: the child gets sig when the thread that started it exits.
-    With parent (its pid), a parent that died before the prctl is noticed
-    too: the child then ends at once instead of living on unowned."""
-    _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if parent is not None and os.getppid() != parent:
-        os._exit(1)
 
 
 @dataclass

@@ -135,11 +135,15 @@ class Progress:
         print(f"bench: {text} (about {m}m{s:02d}s left)", file=sys.stderr, flush=True)
 
 
-def _thread_counters(pid: int) -> tuple[int, int, int, int]:
+def _thread_counters(pids: list[int]) -> tuple[int, int, int, int]:
     """utime, stime (clock ticks), voluntary and involuntary switches of
-    every thread of pid, summed."""
+    every thread of pids, summed."""
     ut = st = vcs = ivcs = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    tasks = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            tasks += [(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    for pid, tid in tasks:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -159,9 +163,10 @@ def _thread_counters(pid: int) -> tuple[int, int, int, int]:
 def measure(cell: Cell, peer: Peer, exp: ExporterProcess, runtime: float) -> dict[str, Any]:
     """One fio run; the exporter's CPU time and switches per I/O beside it."""
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
-    before = _thread_counters(exp.pid)
+    pids = exp.pids()  # with its queue processes
+    before = _thread_counters(pids)
     sample: Sample = fio.run_cell(cell, exp.mountpoint, runtime)
-    after = _thread_counters(exp.pid)
+    after = _thread_counters(pids)
     ut, st, vcs, ivcs = (a - b for a, b in zip(after, before, strict=True))
     ios = sample.ios_spanned(runtime)
     return {
@@ -293,13 +298,23 @@ def build_report(
         }
         for c in cells
     }
+
+    def ratios(mine: str, other: str) -> dict[str, Any]:
+        out = {}
+        for c in cells:
+            r = paired_ratios(series(c.name, mine, "iops"), series(c.name, other, "iops"))
+            out[c.name] = {**Spread.of(r).as_dict(), "values": r}
+        return out
+
     versus: dict[str, dict[str, Any]] = {}
     if "io_uring" in labels:
-        for other in (p for p in labels if p != "io_uring"):
-            versus[other] = {}
-            for c in cells:
-                r = paired_ratios(series(c.name, "io_uring", "iops"), series(c.name, other, "iops"))
-                versus[other][c.name] = {**Spread.of(r).as_dict(), "values": r}
+        versus = {other: ratios("io_uring", other) for other in labels if other != "io_uring"}
+    # The other io_uring rows against the rows that are not io_uring.
+    variants = {
+        mine: {other: ratios(mine, other) for other in labels if not other.startswith("io_uring")}
+        for mine in labels
+        if mine.startswith("io_uring-")
+    }
     report: dict[str, Any] = {
         "version": 1,
         "repeat": ns.repeat,
@@ -316,6 +331,7 @@ def build_report(
         "summary": summary,
         "ratios": versus.get("classic", {}),
         "ratios_vs": versus,
+        "variant_ratios": variants,
         "startup": {
             p: {
                 "start_ms": Spread.of([x.start_ms for x in v]).as_dict(),
@@ -369,10 +385,14 @@ def _print(report: dict[str, Any]) -> None:
     _table(report, "lat_us", f"mean completion latency (us), median [min-max] of {n}", 1)
     p99 = f"99th percentile latency, submit to completion (us), median [min-max] of {n}"
     _table(report, "p99_us", p99)
-    _table(report, "cpu_us", "exporter CPU time per I/O (us, user+sys, all threads)", 1)
+    cpu = "exporter CPU time per I/O (us, user+sys, all threads and processes)"
+    _table(report, "cpu_us", cpu, 1)
     _table(report, "vcsw", "exporter voluntary context switches per I/O", 2)
-    for other, per_cell in report["ratios_vs"].items():
-        print(f"\nio_uring/{other} IOPS, paired per repetition: median [min-max] (each)")
+    pairs = [("io_uring", other, per_cell) for other, per_cell in report["ratios_vs"].items()]
+    for mine, versus in report.get("variant_ratios", {}).items():
+        pairs += [(mine, other, per_cell) for other, per_cell in versus.items()]
+    for mine, other, per_cell in pairs:
+        print(f"\n{mine}/{other} IOPS, paired per repetition: median [min-max] (each)")
         for cell, r in per_cell.items():
             each = " ".join(f"{v:.2f}" for v in r["values"])
             print(f"  {cell:<11} {_fmt(r, 2)}   ({each})")

@@ -13,7 +13,7 @@ NULL_SIZE = "1G"
 
 @dataclass(frozen=True)
 class Peer:
-    label: str  # the row name: classic, io_uring, io_uring-shared, qsd-7.2, qsd-11.1, ...
+    label: str  # the row name: classic, io_uring, io_uring-threads, qsd-7.2, qsd-11.1, ...
     target: Target
     settings: Settings
     transport: str  # dev-fuse or io-uring
@@ -51,8 +51,8 @@ def _short(version: str) -> str:
 
 
 def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerSet:
-    """Our two transports with `queues` queue threads (io_uring also with
-    shared ring queues); then QSD 7.2 (one
+    """Our two transports with `queues` queues (io_uring in processes, in
+    threads, and in threads with shared ring queues); then QSD 7.2 (one
     queue, its only mode) and QSD 11.1 with one and with `mq` iothreads."""
     out = PeerSet()
     reference = resolve("reference")
@@ -61,12 +61,19 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
     if uring_problem:
         out.skipped.append(f"io_uring: {uring_problem}")
     else:
-        uring = classic.with_({"io-uring": "on"})
-        out.peers.append(Peer("io_uring", reference, uring, "io-uring", queues))
+        threads = classic.with_({"io-uring": "on"})
+        # The io_uring row: each queue in a process of its own, so ring
+        # queues run in parallel (exporter/processes.py); then the same
+        # layout in threads, which share a GIL.
+        procs = threads.with_({"queue-processes": True})
+        out.peers.append(Peer("io_uring", reference, procs, "io-uring", queues))
+        out.peers.append(
+            Peer("io_uring-threads", reference, threads, "io-uring", queues, variant=True)
+        )
         if queues > 1:
             # Each ring queue thread may serve every CPU's ring queue, as
             # classic's threads all read one kernel queue.
-            shared = uring.with_({"share-ring-queues": True})
+            shared = threads.with_({"share-ring-queues": True})
             out.peers.append(
                 Peer("io_uring-shared", reference, shared, "io-uring", queues, variant=True)
             )

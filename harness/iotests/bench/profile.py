@@ -70,7 +70,7 @@ def parse_counts(text: str) -> dict[str, float]:
 
 
 def measure(cell: Cell, exp: ExporterProcess, runtime: float) -> Profile:
-    argv = ["perf", "stat", "-x,", "-p", str(exp.pid)]
+    argv = ["perf", "stat", "-x,", "-p", ",".join(map(str, exp.pids()))]
     for e in EVENTS.values():
         argv += ["-e", e]
     perf = runs.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -23,7 +23,9 @@ from ..lifecycle import REPO, TRACKER, ExporterProcess, child_env
 from ..timeouts import scaled
 from . import CAPABILITIES, Target
 
-NAMES = ("reference",)
+# reference-processes: the same exporter, each io_uring queue in a process
+# of its own (--queue-processes); every case must read as with threads.
+NAMES = ("reference", "reference-processes")
 PREFIX = "export: "  # how the exporter starts its one-line errors
 
 
@@ -219,6 +221,8 @@ class Reference(Target):
     def exporter(
         self, workdir: Path, mountpoint: Path, image: Path | None, settings: Settings
     ) -> ExporterProcess:
+        if self.name == "reference-processes" and settings["io-uring"] != "off":
+            settings = settings.with_({"queue-processes": True})
         return ReferenceExporter(workdir, mountpoint, image, settings)
 
 
