@@ -429,6 +429,8 @@ class Export:
         self.faults.shutdown()
         if self.sharing is not None:
             self.sharing.registered.abort()  # threads that wait for one that never came
+        for q in self.queues:  # all at once: queue processes stop side by side
+            q.wake()
         deadline = time.monotonic() + STOP_TIMEOUT
         for q, t in zip(self.queues, self.threads, strict=False):
             # Wake it again and again: a ring queue collecting its entries

@@ -219,8 +219,9 @@ def run_child(q: ChildRingQueue, parent: int, fds: list[int], links: list[Link])
 
 class QueueProcess(Queue):
     """Stands for a queue process in the exporter: its serve() reads the
-    link, a second thread runs forwarded requests in order (a stall rule
-    blocks it, as it blocks a queue thread), stats() asks the child."""
+    link and runs what the child forwards; while fault rules are set a
+    second thread runs them, in order, so that a stall blocks that thread
+    (as it blocks a queue thread) and not the link.  stats() asks the child."""
 
     kind = "io-uring"
 
@@ -260,7 +261,10 @@ class QueueProcess(Queue):
             while (msg := self.link.recv()) is not None:
                 kind = msg[0]
                 if kind == "request":
-                    self._work.put(msg)
+                    if self.faults.rules or not self._work.empty():
+                        self._work.put(msg)  # a stall must not block this thread
+                    else:
+                        self._run(msg)
                 elif kind == "started":
                     self.started.set()
                 elif kind == "stats":
@@ -284,12 +288,15 @@ class QueueProcess(Queue):
 
     def _run_forwarded(self) -> None:
         while (msg := self._work.get()) is not None:
-            _, token, opcode, unique, nodeid, uid, gid, pid, arg, data = msg
-            req = Request(opcode, unique, nodeid, uid, gid, pid, arg, data)
-            out = memoryview(bytearray(self.payload_size))
-            result = self.apply(req, out, (token, out))
-            if result is not DEFERRED:
-                self.reply(unique, result, (token, out))  # type: ignore[arg-type]
+            self._run(msg)
+
+    def _run(self, msg: tuple[Any, ...]) -> None:
+        _, token, opcode, unique, nodeid, uid, gid, pid, arg, data = msg
+        req = Request(opcode, unique, nodeid, uid, gid, pid, arg, data)
+        out = memoryview(bytearray(self.payload_size))
+        result = self.apply(req, out, (token, out))
+        if result is not DEFERRED:
+            self.reply(unique, result, (token, out))  # type: ignore[arg-type]
 
     def reply(self, unique: int, result: int | None, token: Any) -> None:
         child_token, out = token
