@@ -11,6 +11,7 @@ import signal
 
 import pytest
 
+from harness.iotests import runs
 from harness.iotests.timeouts import scaled
 from harness.iotests.waiting import wait_until
 from harness.kernel.mount import umount
@@ -37,7 +38,7 @@ def parent_of(pid: int) -> int:
 
 
 def alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if os.path.exists(f"/proc/{p}")]
+    return [p for p in pids if runs.alive(p)]
 
 
 def held_read(exp, client, cpu: int | None = None):  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ Backends raise OSError with the errno the FUSE client should see.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -19,11 +20,26 @@ class Backend:
 
     The size is cached because every READ and WRITE clamps against it; only
     resizes take the lock, so concurrent growing writes cannot shrink it.
+    It is kept in a C int64 that queue processes can share (keep_size_in).
     """
 
     def __init__(self, size: int) -> None:
-        self.size = size
+        self._size = ctypes.c_int64(size)
         self.resize_lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size.value
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size.value = value
+
+    def keep_size_in(self, slot: ctypes.c_int64) -> None:
+        """From now on the size lives in slot (in memory shared with queue
+        processes, which read it and never resize)."""
+        slot.value = self._size.value
+        self._size = slot
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
         raise NotImplementedError

@@ -304,7 +304,8 @@ class Export:
                 self.sharing = RingSharing(o.queues, self.ring_queues)
             if o.queue_processes:
                 assert self.backend is not None
-                self.shared = SharedState(self.backend.size)
+                self.shared = SharedState()
+                self.backend.keep_size_in(self.shared.size)
                 self.faults.on_change = self.shared.set_rules
         links: list[Link] = []  # the exporter's ends, one per queue process
         for i in range(o.queues):
@@ -360,16 +361,19 @@ class Export:
         place stays a QueueProcess.  Forked before any thread of ours runs."""
         children = [q for q in self.queues if isinstance(q, ChildRingQueue)]
         parent = os.getpid()
+        ours_fds = [self._wake_r, self._wake_w, *(self.qmp.fds() if self.qmp else [])]
         for i, (q, ours) in enumerate(zip(children, links, strict=True)):
             pid = os.fork()
-            if pid == 0:  # what belongs to the others goes: ours, later children's
+            if pid == 0:  # what is the exporter's or later children's goes
                 later = children[i + 1 :]
-                fds = [fd for c in later for fd in (c.fd, c.wake_fd)]
+                fds = ours_fds + [fd for c in later for fd in (c.fd, c.wake_fd)]
                 run_child(q, parent, fds, [c.link for c in later] + links)
             os.close(q.fd)
             q.close_wake_fd()
             q.link.sock.close()
-            self.queues[q.index] = QueueProcess(q, pid, ours, self.faults, self.conn_gone)
+            qp = QueueProcess(q, pid, ours, self.faults, self.conn_gone)
+            self.queues[q.index] = qp
+            ours_fds.append(qp.wake_fd)
 
     def _serve(self, q: Queue) -> None:
         try:
@@ -444,6 +448,9 @@ class Export:
                 self.status = 1
         for q in self.queues:
             q.close_wake_fd()
+            if isinstance(q, QueueProcess) and q.lost:
+                self.status = 1  # also when it went while we stopped
+                continue
             if isinstance(q, RingQueue | QueueProcess) and self.conn_gone.is_set():
                 n, total = q.ended_enotconn, q.held()
                 print(

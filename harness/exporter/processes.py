@@ -10,15 +10,15 @@ QueueProcess runs it through fault injection and the handler and sends the
 reply back, which the child commits.  So the attributes, resizes and fault
 rules live in one process, and hold/release, stalls and interrupts work as
 with threads.  What a child reads of them, the image size and whether any
-rule is set, is in a page shared with it.
+rule is set, is in a page shared with it, which only the exporter writes.
 
 The link between them is a socketpair with one pickled tuple per message:
 
   child -> exporter   ("started",), ("request", token, opcode, unique,
-                      nodeid, uid, gid, pid, arg, data), ("stats", dict),
-                      ("ended", dict)
-  exporter -> child   ("reply", token, unique, result, data), ("stats",),
-                      ("stop",)
+                      nodeid, uid, gid, pid, arg, data), ("stats", seq,
+                      dict), ("ended", dict)
+  exporter -> child   ("reply", token, unique, result, data), ("stats", seq),
+                      ("stop", unmounted)
 
 A token is a ring entry's index, or -1 for a request read from /dev/fuse.
 """
@@ -52,18 +52,21 @@ LOCAL_OPS = frozenset({Op.READ, Op.WRITE, Op.FLUSH, Op.FSYNC})
 _DEV = -1  # token of a request that came on /dev/fuse
 STATS_TIMEOUT = 2.0
 REAP_TIMEOUT = 2.0
+# A peer that stops reading must not block a sender for good (teardown).
+SEND_TIMEOUT = 5.0
 _LEN = struct.Struct("<I")
+_TIMEVAL = struct.Struct("@ll")
 
 
 class SharedState:
     """One page shared with the queue processes, written by the exporter
-    only: how many fault rules are set, and the image size."""
+    only: how many fault rules are set, and the image size (the backend
+    keeps it there, Backend.keep_size_in)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         self._mem = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED: survives fork
         self.rules = ctypes.c_int64.from_buffer(self._mem, 0)
         self.size = ctypes.c_int64.from_buffer(self._mem, 8)
-        self.size.value = size
 
     def set_rules(self, n: int) -> None:
         self.rules.value = n
@@ -74,9 +77,11 @@ class Link:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(int(SEND_TIMEOUT), 0))
         self._send_lock = threading.Lock()
 
     def send(self, msg: tuple[Any, ...]) -> None:
+        """Raises OSError when the peer is gone or reads nothing for SEND_TIMEOUT."""
         data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
             self.sock.sendall(_LEN.pack(len(data)) + data)
@@ -119,7 +124,7 @@ class ChildRingQueue(RingQueue):
         super().__init__(*args, **kw)
         self.link = link
         self.shared = shared
-        self._replies: collections.deque[tuple[int, int, int | None]] = collections.deque()
+        self._replies: collections.deque[tuple[int, int, int | None, bytes]] = collections.deque()
 
     def dispatch(self, req: Request, out: memoryview, token: Any = None) -> Reply | _Deferred:
         self.requests += 1
@@ -127,12 +132,13 @@ class ChildRingQueue(RingQueue):
         if op < 64:
             self.per_op[op] += 1
         shared = self.shared
-        if not shared.rules.value and op in LOCAL_OPS:
-            size = shared.size.value
-            # A write past the end may grow the image: the exporter's job.
-            if op != Op.WRITE or sum(abi.WRITE_IN.unpack_from(req.arg)[1:3]) <= size:
-                self.handler.backend.size = size
-                return self.handler.handle(req, out)
+        # A write past the end may grow the image: the exporter's job.
+        if (
+            not shared.rules.value
+            and op in LOCAL_OPS
+            and (op != Op.WRITE or sum(abi.WRITE_IN.unpack_from(req.arg)[1:3]) <= shared.size.value)
+        ):
+            return self.handler.handle(req, out)
         self.link.send(
             ("request", _DEV if token is None else token.index, op, req.unique, req.nodeid,
              req.uid, req.gid, req.pid, bytes(req.arg), bytes(req.data))
@@ -146,15 +152,15 @@ class ChildRingQueue(RingQueue):
     def run_ready(self) -> None:
         super().run_ready()
         while self._replies:
-            token, unique, result = self._replies.popleft()
-            if token == _DEV:
-                if result is not None:
-                    assert self._channel is not None
-                    self._channel.reply(unique, result)
-                continue
-            e = self.entries[token]
-            assert e is not None
-            self._commit(e, unique, result or 0)  # an entry always gets its commit
+            token, unique, result, data = self._replies.popleft()
+            if token != _DEV:
+                e = self.entries[token]
+                assert e is not None
+                self._commit(e, unique, result or 0)  # an entry always gets its commit
+            elif result is not None:
+                assert self._channel is not None
+                self._channel.out[: len(data)] = data  # only this thread uses it
+                self._channel.reply(unique, result)
 
     def listen(self) -> None:
         """The child's second thread: messages from the exporter.  It sleeps
@@ -162,66 +168,72 @@ class ChildRingQueue(RingQueue):
         while True:
             msg = self.link.recv()
             if msg is None or msg[0] == "stop":
+                if msg is not None and msg[1]:
+                    # Unmounted: collect every entry's ENOTCONN before stopping.
+                    self.conn_gone.set()
                 self.stopping.set()
                 self.wake()
                 return
             if msg[0] == "reply":
                 _, token, unique, result, data = msg
-                if data:
+                if data and token != _DEV:
                     # The entry is ours (not in the kernel) until it is committed.
                     e = self.entries[token]
                     assert e is not None
                     e.payload[: len(data)] = data
-                self._replies.append((token, unique, result))
+                    data = b""
+                self._replies.append((token, unique, result, data))
                 self.wake()
             elif msg[0] == "stats":
-                self.link.send(("stats", self.report()))
+                self.link.send(("stats", msg[1], self.report()))
 
     def report(self) -> dict[str, Any]:
         return {"stats": self.stats(), "dev-per-op": dict(self.dev_per_op)}
 
 
 def run_child(q: ChildRingQueue, parent: int, fds: list[int], links: list[Link]) -> NoReturn:
-    """The forked child: serve q until told to stop or unmounted, then exit.
-    fds and links are the other queues' and the exporter's: closed here."""
-    die_with_parent(signal.SIGKILL, parent)  # also when the exporter is SIGKILLed
-    # The exporter handles signals and stops its children in order.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    for fd in fds:
-        os.close(fd)
-    for link in links:
-        link.sock.close()
-    threading.Thread(target=q.listen, name=f"queue{q.index}-link", daemon=True).start()
-    ended: dict[str, Any] = {"error": None, "conn-gone": False}
+    """The forked child: serve q until told to stop or unmounted, then exit,
+    whatever happens: nothing may return into the exporter's code.  fds and
+    links are the exporter's and the other queues': closed here."""
+    status = 1
     try:
-        q.serve()
-    except ConnectionGone:
-        ended["conn-gone"] = True
-    except RingHalted as e:
-        ended["error"] = str(e)
-    except Exception as e:  # one line for the user, never a traceback
-        ended["error"] = f"{type(e).__name__}: {e}"
-    ended["enotconn"] = q.ended_enotconn
-    ended["held"] = q.held()
-    ended.update(q.report())
-    status = 0
-    try:
+        die_with_parent(signal.SIGKILL, parent)  # also when the exporter is SIGKILLed
+        # The exporter handles signals and stops its children in order.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        for fd in fds:
+            os.close(fd)
+        for link in links:
+            link.sock.close()
+        threading.Thread(target=q.listen, name=f"queue{q.index}-link", daemon=True).start()
+        ended: dict[str, Any] = {"error": None, "conn-gone": False}
+        try:
+            q.serve()
+        except ConnectionGone:
+            ended["conn-gone"] = True
+        except RingHalted as e:
+            ended["error"] = str(e)
+        except Exception as e:  # one line for the user, never a traceback
+            ended["error"] = f"{type(e).__name__}: {e}"
+        ended |= {"enotconn": q.ended_enotconn, "held": q.held(), **q.report()}
         q.link.send(("ended", ended))
-    except OSError:
-        status = 1  # the exporter is gone
-    sys.stderr.flush()
-    os._exit(status)
+        status = 0
+    except BaseException as e:
+        print(f"export: queue process {os.getpid()}: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        sys.stderr.flush()
+        os._exit(status)
 
 
 # -- the exporter's side ----------------------------------------------------
 
 
 class QueueProcess(Queue):
-    """Stands for a queue process in the exporter: its serve() reads the
-    link and runs what the child forwards; while fault rules are set a
-    second thread runs them, in order, so that a stall blocks that thread
-    (as it blocks a queue thread) and not the link.  stats() asks the child."""
+    """Stands for a queue process in the exporter.  serve() reads the link
+    and runs what the child forwards.  While fault rules are set, or earlier
+    ones are still queued, a second thread runs them in order, with the
+    requests that fault injection releases: a stall then blocks that thread,
+    as it blocks a queue thread, and never the link.  stats() asks the child."""
 
     kind = "io-uring"
 
@@ -236,48 +248,54 @@ class QueueProcess(Queue):
         super().__init__(child.index, child.handler, faults, child.stopping)
         self.pid = pid
         self.link = link
-        self.shared = child.shared
         self.qids = child.qids
         self.depth = child.depth
         self.payload_size = child.payload_size
         self.conn_gone = conn_gone
         self.dev_per_op: dict[str, int] = {}
         self.ended_enotconn = 0
+        self.lost = False  # ended without a word, or killed: exit status 1
         self._held = 0
-        self._report: dict[str, Any] = {"stats": super().stats(), "dev-per-op": {}}
-        self._report_ready = threading.Event()
+        self._stats: dict[str, Any] = super().stats()
+        self._stats_seq = 0
+        self._stats_ready = threading.Event()
         self._stats_lock = threading.Lock()
         self._stop_sent = False
         self._ended: dict[str, Any] | None = None
-        self._work: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        # Work for the second thread: forwarded messages and released requests.
+        self._work: queue.SimpleQueue[tuple[Any, ...] | Deferred | None] = queue.SimpleQueue()
+        self._queued = 0  # put and not finished; under _queued_lock
+        self._queued_lock = threading.Lock()
 
     # -- serving --------------------------------------------------------------
 
     def serve(self) -> None:
-        worker = threading.Thread(target=self._run_forwarded, name=f"queue{self.index}-fwd")
+        worker = threading.Thread(target=self._work_loop, name=f"queue{self.index}-fwd")
         worker.daemon = True
         worker.start()
         try:
             while (msg := self.link.recv()) is not None:
                 kind = msg[0]
                 if kind == "request":
-                    if self.faults.rules or not self._work.empty():
-                        self._work.put(msg)  # a stall must not block this thread
-                    else:
-                        self._run(msg)
+                    self._forwarded(msg)
                 elif kind == "started":
                     self.started.set()
                 elif kind == "stats":
-                    self._take_report(msg[1])
-                    self._report_ready.set()
+                    self._take_stats(msg[2])
+                    if msg[1] == self._stats_seq:
+                        self._stats_ready.set()
                 elif kind == "ended":
                     self._ended = msg[1]
-                    self._take_report(msg[1])
+                    self._take_stats(msg[1])
         finally:
             self._work.put(None)
+            # The worker may be in the handler (a stall released by the
+            # teardown): done before the exporter closes the image.
+            worker.join(REAP_TIMEOUT)
             self._reap()
         ended = self._ended
         if ended is None:
+            self.lost = True
             raise RingHalted(f"queue process {self.pid} ended without a word")
         self.ended_enotconn, self._held = ended["enotconn"], ended["held"]
         if ended["error"]:
@@ -286,83 +304,104 @@ class QueueProcess(Queue):
             self.conn_gone.set()
             raise ConnectionGone
 
-    def _run_forwarded(self) -> None:
-        while (msg := self._work.get()) is not None:
-            self._run(msg)
+    def _forwarded(self, msg: tuple[Any, ...]) -> None:
+        """Run it here, without fault injection, if no rule is set and
+        nothing waits for the second thread; else queue it there."""
+        with self._queued_lock:
+            inline = not self.faults.rules and not self._queued
+            if not inline:
+                self._queued += 1
+                self._work.put(msg)
+        if inline:
+            self._run(msg, faults=False)
 
-    def _run(self, msg: tuple[Any, ...]) -> None:
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            try:
+                if isinstance(item, Deferred):
+                    self.finish(item)
+                else:
+                    self._run(item, faults=True)
+            finally:
+                with self._queued_lock:
+                    self._queued -= 1
+
+    def _run(self, msg: tuple[Any, ...], faults: bool) -> None:
         _, token, opcode, unique, nodeid, uid, gid, pid, arg, data = msg
         req = Request(opcode, unique, nodeid, uid, gid, pid, arg, data)
         out = memoryview(bytearray(self.payload_size))
-        result = self.apply(req, out, (token, out))
+        result = self.apply(req, out, (token, out)) if faults else self.handler.handle(req, out)
         if result is not DEFERRED:
-            self.reply(unique, result, (token, out))  # type: ignore[arg-type]
+            self.answer(unique, result, (token, out))  # type: ignore[arg-type]
 
-    def reply(self, unique: int, result: int | None, token: Any) -> None:
+    def post(self, d: Deferred) -> None:
+        """A released request: answered by the second thread, after what
+        is queued before it (behind a stall, as on a queue thread)."""
+        with self._queued_lock:
+            self._queued += 1
+            self._work.put(d)
+
+    def answer(self, unique: int, result: Reply, token: Any) -> None:
+        """Every forwarded request is answered, None too: the child commits
+        the entry."""
         child_token, out = token
-        # Whatever the handler did to the size, the children see it first.
-        self.shared.size.value = self.handler.backend.size
         data = bytes(out[:result]) if result is not None and result > 0 else b""
         try:
             self.link.send(("reply", child_token, unique, result, data))
         except OSError:
-            pass  # the child is gone; serve() reports it
+            pass  # the child is gone, or stuck: serve() reports it
+
+    def reply(self, unique: int, result: int, token: Any) -> None:
+        self.answer(unique, result, token)
 
     def out_buffer(self, token: Any) -> memoryview:
         out: memoryview = token[1]
         return out
 
-    def post(self, d: Deferred) -> None:
-        """A released request: answer it now, from the releasing thread
-        (the child, not this process, owns the ring)."""
-        self.finish(d)
-
-    def finish(self, d: Deferred) -> None:
-        out = self.out_buffer(d.token)
-        result = d.result if d.result is not None else self.handler.handle(d.req, out)
-        self.reply(d.req.unique, result, d.token)  # None too: the child commits the entry
-
     # -- control ----------------------------------------------------------
 
     def wake(self) -> None:
-        """The exporter stops: tell the child, once."""
+        """The exporter stops: tell the child, once, and whether the export
+        was unmounted (then it collects its entries' ENOTCONN first)."""
         if self.stopping.is_set() and not self._stop_sent:
             self._stop_sent = True
             try:
-                self.link.send(("stop",))
+                self.link.send(("stop", self.conn_gone.is_set()))
             except OSError:
                 pass
 
     def stats(self) -> dict[str, Any]:
-        """The child's own figures (asked for now, or its last), with this
-        side's stall."""
-        if self._ended is None:
+        """The child's own figures, asked for now (or its last ones), with
+        this side's stall."""
+        if self._ended is None and not self._stop_sent:
             with self._stats_lock:
-                self._report_ready.clear()
+                self._stats_seq += 1
+                self._stats_ready.clear()
                 try:
-                    self.link.send(("stats",))
-                    self._report_ready.wait(STATS_TIMEOUT)
+                    self.link.send(("stats", self._stats_seq))
+                    self._stats_ready.wait(STATS_TIMEOUT)
                 except OSError:
                     pass
-        s = dict(self._report["stats"])
-        s["stalled"] = self.stalled
-        s["process"] = self.pid
-        return s
+        return {**self._stats, "stalled": self.stalled, "process": self.pid}
 
     def held(self) -> int:
         return self._held
 
-    def _take_report(self, report: dict[str, Any]) -> None:
-        self._report = {"stats": report["stats"], "dev-per-op": report["dev-per-op"]}
+    def _take_stats(self, report: dict[str, Any]) -> None:
+        self._stats = report["stats"]
         self.dev_per_op = report["dev-per-op"]
 
     def _reap(self) -> None:
-        """Wait for the child (bounded), then SIGKILL it; never leave it."""
+        """Wait for the child (bounded), then SIGKILL it."""
         fd = os.pidfd_open(self.pid)
         try:
             if not select.select([fd], [], [], REAP_TIMEOUT)[0]:
                 print(f"export: queue process {self.pid} did not exit; killed", file=sys.stderr)
+                self.lost = True
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
+                if not select.select([fd], [], [], REAP_TIMEOUT)[0]:
+                    print(f"export: queue process {self.pid} not gone", file=sys.stderr)
+                    return  # in the kernel (D state): init reaps it after us
         finally:
             os.close(fd)
         os.waitpid(self.pid, 0)

@@ -63,6 +63,10 @@ class QmpServer:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name="qmp", daemon=True)
 
+    def fds(self) -> list[int]:
+        """Its listening socket and wake pipe: what a forked child closes."""
+        return [self._listener.fileno(), self._wake_r, self._wake_w]
+
     def start(self) -> None:
         self._thread.start()
 

@@ -138,8 +138,12 @@ class Queue:
         """Answer a released request (the handler runs now, unless it failed)."""
         out = self.out_buffer(d.token)
         result = d.result if d.result is not None else self.handler.handle(d.req, out)
+        self.answer(d.req.unique, result, d.token)
+
+    def answer(self, unique: int, result: Reply, token: Any) -> None:
+        """A request's result: a reply, unless there is none to send."""
         if result is not None:
-            self.reply(d.req.unique, result, d.token)
+            self.reply(unique, result, token)
 
     def drain_channel(self, channel: DevFuseChannel, tally: dict[str, int] | None = None) -> None:
         """Serve every request waiting on a /dev/fuse fd; tally them by name."""

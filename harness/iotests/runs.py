@@ -278,7 +278,8 @@ def _group(pgid: int) -> list[int]:
 # -- finding and removing what dead runs left ---------------------------------
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -321,7 +322,7 @@ def _leftovers(state: RunState) -> list[str]:
     left = []
     if state.cgroup:
         left += [f"process {p}" for p in _cgroup_pids(state.cgroup)]
-    left += [f"process {p}" for p in state.pids if _alive(p)]
+    left += [f"process {p}" for p in state.pids if alive(p)]
     left += [f"FUSE mount {m}" for m in _our_mounts(state)]
     return left
 
@@ -352,7 +353,7 @@ def _reap(state: RunState) -> tuple[list[str], list[str]]:
     whatever the others did (cleanup.run_all); what is left is looked at,
     not assumed."""
     procs = _cgroup_pids(state.cgroup) if state.cgroup else []
-    procs += [p for p in state.pids if _alive(p)]
+    procs += [p for p in state.pids if alive(p)]
 
     def kill() -> list[str]:
         if state.cgroup and procs:
@@ -360,7 +361,7 @@ def _reap(state: RunState) -> tuple[list[str], list[str]]:
         for p in state.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-        _wait(lambda: not any(_alive(p) for p in procs), "killed processes to exit")
+        _wait(lambda: not any(alive(p) for p in procs), "killed processes to exit")
         return [f"process {p}" for p in procs]
 
     def unmount(mp: str) -> list[str]:
