@@ -18,7 +18,7 @@ from harness.iotests.lifecycle import REPO, child_env
 from harness.iotests.runner import target_problem
 from harness.iotests.spec import SpecError, load_spec
 from harness.iotests.steps import CASE_DEFAULTS
-from harness.iotests.targets import Target, qsd
+from harness.iotests.targets import Target, qsd, resolve
 from harness.iotests.targets.qsd import FETCHED, capabilities, export_arguments
 
 DATA = Path(__file__).parent / "data"
@@ -233,3 +233,14 @@ def test_fetched_qsd_has_multi_queue_but_no_io_uring() -> None:
     t = qsd.detect("qsd-11.1", "/ignored/for/qsd-11.1")
     assert t.binary == str(FETCHED)
     assert t.version.startswith("11.1.") and t.capabilities == {"multi-queue"}
+
+
+def test_reference_processes_puts_io_uring_queues_in_processes(tmp_path: Path) -> None:
+    """The same exporter; --queue-processes only where io_uring is asked for,
+    so legacy instances and io-uring=off read exactly as on the reference."""
+    target = resolve("reference-processes")
+    assert target.tag == "reference-processes" and not target.starts_warm
+    for mode, want in (("on", True), ("auto", True), ("off", False)):
+        settings = CASE_DEFAULTS.with_({"io-uring": mode})
+        exp = target.exporter(tmp_path, tmp_path / "mp", None, settings)
+        assert ("--queue-processes" in exp.command()) == want, mode

@@ -51,8 +51,8 @@ _KNOWN = pytest.StashKey[known.KnownDifferences]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for kind in targets.kinds():
-        config.addinivalue_line("markers", f"{kind}: a case instance run on target {kind}")
+    for name in targets.names():  # qsd-11.1 and reference-processes too
+        config.addinivalue_line("markers", f"{name}: a case instance run on target {name}")
     try:
         config.stash[_TARGET] = targets.resolve(config.getoption("target"), config.getoption("qsd"))
         config.stash[_KNOWN] = known.load(KNOWN_DIR)
