@@ -98,6 +98,7 @@ def test_fail_delay_hold_and_release(exp, client):
     exp.release(rule["id"])
     exp.inject("delay", opcode="write", offset=0, delay_ms=100)
     assert client.run("pwrite", exp.mountpoint, 0, 4096, 0x31) == "ok 4096"
+    assert exp.query()["faults"][0]["hits"] == 1  # the exporter delayed it
     exp.release()
     rule, proc = held_read(exp, client)
     # Held in the exporter: the children go on serving.

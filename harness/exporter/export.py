@@ -522,6 +522,8 @@ class Export:
             key=lambda r: r["qid"],
         )
         dev_ops: dict[str, int] = {}
+        # A QueueProcess's dev_per_op is the child's, as of its last stats():
+        # info() asks for those first.
         for q in rings:
             for name, n in list(q.dev_per_op.items()):  # queue 0 adds keys
                 dev_ops[name] = dev_ops.get(name, 0) + n

@@ -124,13 +124,12 @@ class ChildRingQueue(RingQueue):
         super().__init__(*args, **kw)
         self.link = link
         self.shared = shared
+        # Replies to forwarded requests, for the ring thread to send.
         self._replies: collections.deque[tuple[int, int, int | None, bytes]] = collections.deque()
 
-    def dispatch(self, req: Request, out: memoryview, token: Any = None) -> Reply | _Deferred:
-        self.requests += 1
+    def apply(self, req: Request, out: memoryview, token: Any = None) -> Reply | _Deferred:
+        """Serve a data request here; forward the rest (counted by dispatch())."""
         op = req.opcode
-        if op < 64:
-            self.per_op[op] += 1
         shared = self.shared
         # A write past the end may grow the image: the exporter's job.
         if (
@@ -152,15 +151,11 @@ class ChildRingQueue(RingQueue):
     def run_ready(self) -> None:
         super().run_ready()
         while self._replies:
-            token, unique, result, data = self._replies.popleft()
-            if token != _DEV:
-                e = self.entries[token]
-                assert e is not None
-                self._commit(e, unique, result or 0)  # an entry always gets its commit
-            elif result is not None:
-                assert self._channel is not None
-                self._channel.out[: len(data)] = data  # only this thread uses it
-                self._channel.reply(unique, result)
+            index, unique, result, data = self._replies.popleft()
+            token = None if index == _DEV else self.entries[index]
+            self.out_buffer(token)[: len(data)] = data
+            # An entry always gets its commit, also for a request with no reply.
+            self.answer(unique, result if token is None else result or 0, token)
 
     def listen(self) -> None:
         """The child's second thread: messages from the exporter.  It sleeps
@@ -175,14 +170,7 @@ class ChildRingQueue(RingQueue):
                 self.wake()
                 return
             if msg[0] == "reply":
-                _, token, unique, result, data = msg
-                if data and token != _DEV:
-                    # The entry is ours (not in the kernel) until it is committed.
-                    e = self.entries[token]
-                    assert e is not None
-                    e.payload[: len(data)] = data
-                    data = b""
-                self._replies.append((token, unique, result, data))
+                self._replies.append(msg[1:])  # (token, unique, result, data)
                 self.wake()
             elif msg[0] == "stats":
                 self.link.send(("stats", msg[1], self.report()))

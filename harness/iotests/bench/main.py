@@ -306,15 +306,18 @@ def build_report(
             out[c.name] = {**Spread.of(r).as_dict(), "values": r}
         return out
 
-    versus: dict[str, dict[str, Any]] = {}
-    if "io_uring" in labels:
-        versus = {other: ratios("io_uring", other) for other in labels if other != "io_uring"}
-    # The other io_uring rows against the rows that are not io_uring.
-    variants = {
-        mine: {other: ratios(mine, other) for other in labels if not other.startswith("io_uring")}
+    # io_uring against every other row; the other io_uring rows against the
+    # rows that are not io_uring.
+    ratios_of = {
+        mine: {
+            other: ratios(mine, other)
+            for other in labels
+            if other != mine and (mine == "io_uring" or not other.startswith("io_uring"))
+        }
         for mine in labels
-        if mine.startswith("io_uring-")
+        if mine.startswith("io_uring")
     }
+    versus = ratios_of.get("io_uring", {})
     report: dict[str, Any] = {
         "version": 1,
         "repeat": ns.repeat,
@@ -331,7 +334,7 @@ def build_report(
         "summary": summary,
         "ratios": versus.get("classic", {}),
         "ratios_vs": versus,
-        "variant_ratios": variants,
+        "ratios_of": ratios_of,
         "startup": {
             p: {
                 "start_ms": Spread.of([x.start_ms for x in v]).as_dict(),
@@ -388,14 +391,12 @@ def _print(report: dict[str, Any]) -> None:
     cpu = "exporter CPU time per I/O (us, user+sys, all threads and processes)"
     _table(report, "cpu_us", cpu, 1)
     _table(report, "vcsw", "exporter voluntary context switches per I/O", 2)
-    pairs = [("io_uring", other, per_cell) for other, per_cell in report["ratios_vs"].items()]
-    for mine, versus in report.get("variant_ratios", {}).items():
-        pairs += [(mine, other, per_cell) for other, per_cell in versus.items()]
-    for mine, other, per_cell in pairs:
-        print(f"\n{mine}/{other} IOPS, paired per repetition: median [min-max] (each)")
-        for cell, r in per_cell.items():
-            each = " ".join(f"{v:.2f}" for v in r["values"])
-            print(f"  {cell:<11} {_fmt(r, 2)}   ({each})")
+    for mine, versus in report["ratios_of"].items():
+        for other, per_cell in versus.items():
+            print(f"\n{mine}/{other} IOPS, paired per repetition: median [min-max] (each)")
+            for cell, r in per_cell.items():
+                each = " ".join(f"{v:.2f}" for v in r["values"])
+                print(f"  {cell:<11} {_fmt(r, 2)}   ({each})")
     if report.get("profile"):
         events = list(profile.EVENTS)
         print("\nper I/O under perf stat (one run each; futex: mostly GIL hand-offs in ours)")
