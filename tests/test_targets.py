@@ -111,7 +111,22 @@ def test_known_differences_match_target_version_and_kernel(tmp_path: Path) -> No
     ("text", "message"),
     [
         ("- a list\n", ":1: a known-differences file is a mapping"),
-        ("when: {target: qsd}\n", ":1: differences must be a non-empty list"),
+        ("when: {target: qsd}\n", ":1: a known-differences file lists differences, defects"),
+        ("when: {target: qsd}\ndifferences: []\n", ":2: differences must be a non-empty list"),
+        (
+            "when: {target: qsd}\ndefects:\n  - {instances: 'a[*]', reason: r}\n",
+            ":3: a defect has evidence, first-bad, instances, iothreads, reason, signature",
+        ),
+        (
+            "when: {target: qsd}\ndefects:\n  - {instances: 'a[*]', reason: r, signature: '(',"
+            " evidence: e, first-bad: p, transports: [uring], iothreads: '1'}\n",
+            ":3: signature: not a regular expression",
+        ),
+        (
+            "when: {target: qsd}\ndefects:\n  - {instances: 'a[*]', reason: r, signature: x,"
+            " evidence: e, first-bad: p, transports: [tcp], iothreads: '1'}\n",
+            ":3: transports: a list of legacy and/or uring",
+        ),
         ("when: {tagret: qsd}\ndifferences: [{instances: 'a[*]', reason: r}]\n", ":1: when:"),
         ("when: {kernel: '<<7'}\ndifferences: [{instances: 'a[*]', reason: r}]\n", "when.kernel"),
         ("when: {target: qsd}\ndifferences:\n  - {instances: 'a[*]'}\n", ":3: an entry has"),
@@ -189,7 +204,10 @@ def test_a_wrong_entry_is_xpass_and_fails_the_run(golden_copy: Path) -> None:
     )
     res = check(golden_copy, "--target", "qsd", "-fuse", "rw-patterns")
     assert res.returncode == 1
-    assert "Listed as known differences but passed (xpass): rw-patterns[qsd-legacy]" in res.stdout
+    assert (
+        "Listed as known differences or defects but passed (xpass): rw-patterns[qsd-legacy]"
+        in res.stdout
+    )
     assert "known/wrong.yaml:4 lists it: remove the entry" in res.stdout
     # An intermittent difference is not an xpass when the instance happens to match.
     wrong = golden_copy / "known" / "wrong.yaml"
@@ -244,3 +262,35 @@ def test_reference_processes_puts_io_uring_queues_in_processes(tmp_path: Path) -
         settings = CASE_DEFAULTS.with_({"io-uring": mode})
         exp = target.exporter(tmp_path, tmp_path / "mp", None, settings)
         assert ("--queue-processes" in exp.command()) == want, mode
+
+
+def _as_defect(golden: Path, signature: str) -> None:
+    """rw-seek on QSD, listed as a defect instead of a difference."""
+    qsd_yaml = golden / "known" / "qsd.yaml"
+    qsd_yaml.write_text(qsd_yaml.read_text().replace('["rw-seek[*]"]', '["rw-seek-gone[*]"]'))
+    (golden / "known" / "defect.yaml").write_text(
+        "# a defect, for the test\nwhen: {target: qsd}\ndefects:\n"
+        "  - instances: ['rw-seek[*]']\n    transports: [legacy]\n    iothreads: '1'\n"
+        "    reason: SEEK_HOLE at EOF\n    evidence: the diff\n    first-bad: none\n"
+        f"    signature: '{signature}'\n"
+    )
+
+
+@needs_qsd
+@pytest.mark.usefixtures("fuse_root")
+def test_a_listed_defect_is_counted_apart_and_only_for_its_signature(golden_copy: Path) -> None:
+    _as_defect(golden_copy, r"\+lseek hole 1048576: 1048576")
+    res = check(golden_copy, "--target", "qsd", "-fuse", "rw-seek")
+    assert res.returncode == 0, res.stdout
+    assert "Known defects (xfail): rw-seek[qsd-legacy]" in res.stdout
+    assert "Passed 0 of 1 iotests, 1 known defects" in res.stdout
+    assert "known defect, known/defect.yaml:4: SEEK_HOLE at EOF (first bad: none)" in res.stdout
+    doc = json.loads((golden_copy.parent / "results" / "report.json").read_text())
+    assert doc["summary"]["xfail-defect"] == 1 and doc["summary"]["xfail-difference"] == 0
+    assert doc["results"][0]["known"] == "defect"
+    junit = (golden_copy.parent / "results" / "junit.xml").read_text()
+    assert 'known-defects="1"' in junit and 'message="xfail (defect):' in junit
+    # The same instance failing some other way is a failure, not the defect.
+    _as_defect(golden_copy, r"Segmentation fault")
+    res = check(golden_copy, "--target", "qsd", "-fuse", "rw-seek")
+    assert res.returncode == 1 and "Failures: rw-seek[qsd-legacy]" in res.stdout, res.stdout

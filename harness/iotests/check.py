@@ -323,6 +323,7 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
 
 def _repro(ns: argparse.Namespace, specs: list[CaseSpec]) -> int:
     """Write the bisect script for one instance; its path is the last line."""
+    from ..qsd import build as qsd_build
     from .repro import write_script
 
     try:
@@ -341,7 +342,10 @@ def _repro(ns: argparse.Namespace, specs: list[CaseSpec]) -> int:
             f"check: --repro: no instance {ns.repro!r} (tools/check -n lists them)", file=sys.stderr
         )
         return 1
-    print(write_script(found[0], ns.target, ns.qsd, ns.kernel, ns.accel))
+    # A daemon tools/qsd built: the script builds it again from the same inputs.
+    made = qsd_build.info(target.binary) if target.binary else None
+    build_from = (made.source_spec, made.patch_paths, None) if made and made.source_spec else None
+    print(write_script(found[0], ns.target, ns.qsd, ns.kernel, ns.accel, build_from=build_from))
     return 0
 
 
@@ -417,7 +421,9 @@ def _summary(results: list[Result], expected: int) -> int:
     def ids(status: str) -> list[str]:
         return [r.instance.id for r in results if r.status == status]
 
-    not_run, failed, xfail, xpass = ids("not run"), ids("fail"), ids("xfail"), ids("xpass")
+    not_run, failed, xpass = ids("not run"), ids("fail"), ids("xpass")
+    xfail = [r.instance.id for r in results if r.status == "xfail" and r.known != "defect"]
+    defects = [r.instance.id for r in results if r.status == "xfail" and r.known == "defect"]
     n_run = len(results) - len(not_run)
     print()
     if len(results) != expected:
@@ -427,15 +433,19 @@ def _summary(results: list[Result], expected: int) -> int:
         print(f"Not run: {' '.join(not_run)}")
     if xfail:
         print(f"Known differences (xfail): {' '.join(xfail)}")
+    if defects:
+        print(f"Known defects (xfail): {' '.join(defects)}")
     if xpass:
-        print(f"Listed as known differences but passed (xpass): {' '.join(xpass)}")
+        print(f"Listed as known differences or defects but passed (xpass): {' '.join(xpass)}")
     if failed or xpass:
         if failed:
             print(f"Failures: {' '.join(failed)}")
         print(f"Failed {len(failed) + len(xpass)} of {n_run} iotests")
         return 1
-    if xfail:
-        print(f"Passed {n_run - len(xfail)} of {n_run} iotests, {len(xfail)} known differences")
+    if xfail or defects:
+        known = [f"{len(xfail)} known differences"] if xfail else []
+        known += [f"{len(defects)} known defects"] if defects else []
+        print(f"Passed {n_run - len(xfail) - len(defects)} of {n_run} iotests, {', '.join(known)}")
     else:
         print(f"Passed all {n_run} iotests")
     return 0

@@ -11,6 +11,22 @@ golden/known/<name>.yaml says when it applies and which instances differ:
         reason: WRITE at EOF fails with EIO, not ENOSPC
         upstream: changed in QEMU 8.x (308.out says "No space left on device")
 
+A file may also list `defects:`, bugs of the target rather than deliberate
+differences, each with the evidence and the first bad patch or kernel:
+
+      - instances: ["export-del[uring]"]
+        transports: [uring]                   # legacy and/or uring
+        iothreads: "1"                        # the queue counts it was seen with
+        reason: block-export-del never unmounts an io_uring export
+        signature: "to be unmounted"          # a regex the failure must show
+        evidence: the daemon's threads all idle in ppoll ...
+        first-bad: 0002-export-fuse-process-FUSE-over-io_uring-requests.patch
+        repro: tools/qsd bisect 'export-del[qsd-uring]' --repro FILE
+
+A defect covers a failure only when the failure's report or diff matches its
+signature, so a new way of failing on the same instance is not hidden; a
+hang (a bounded wait or the case timeout) counts, leftovers never do.
+
 A listed instance that fails reports xfail (reason and diff in the report);
 one that now matches reports xpass and fails the run, so a fixed or newly
 broken target is noticed either way.  An entry marked `intermittent: true`
@@ -35,6 +51,10 @@ from .spec import SpecError, _Loader, line_of
 
 WHEN_KEYS = {"target", "version", "kernel"}
 ENTRY_KEYS = {"instances", "reason", "upstream", "intermittent"}
+DEFECT_KEYS = {"instances", "transports", "iothreads", "reason", "signature", "evidence",
+               "first-bad", "repro", "intermittent"}  # fmt: skip
+DEFECT_REQUIRED = DEFECT_KEYS - {"repro", "intermittent"}
+TRANSPORTS = {"legacy", "uring"}
 _CMP = re.compile(r"^\s*(<=|>=|<|>|==|!=)\s*([0-9][0-9.]*)\s*$")
 
 
@@ -83,14 +103,30 @@ class Known:
     upstream: str
     when: dict[str, str]
     intermittent: bool = False
+    kind: str = "difference"  # or "defect"
+    # Defects only (see the module doc):
+    signature: str = ""
+    evidence: str = ""
+    first_bad: str = ""
+    transports: tuple[str, ...] = ()
+    iothreads: str = ""
+    repro: str = ""
 
     @property
     def where(self) -> str:
         return f"{self.path.parent.name}/{self.path.name}:{self.line}"
 
     def describe(self) -> str:
+        if self.kind == "defect":
+            return (f"known defect, {self.where}: {self.reason} "
+                    f"(first bad: {self.first_bad})")  # fmt: skip
         up = f" ({self.upstream})" if self.upstream else ""
         return f"known difference, {self.where}: {self.reason}{up}"
+
+    def covers(self, failure: str) -> bool:
+        """Whether a failure's report and diff are this entry's: any diff for
+        a difference, one that matches the signature for a defect."""
+        return self.kind != "defect" or re.search(self.signature, failure) is not None
 
 
 @dataclass(frozen=True)
@@ -143,28 +179,69 @@ def _load_file(path: Path) -> list[Known]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise fail(mark.line + 1 if mark else 1, f"YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict) or set(data) - {"when", "differences"}:
-        raise fail(1, "a known-differences file is a mapping with 'when' and 'differences'")
+    if not isinstance(data, dict) or set(data) - {"when", "differences", "defects"}:
+        raise fail(
+            1, "a known-differences file is a mapping with 'when', 'differences' and/or 'defects'"
+        )
     when = _when(data.get("when"), fail, line_of(data, "when"))
-    items = data.get("differences")
-    if not isinstance(items, list) or not items:
-        raise fail(line_of(data, "differences"), "differences must be a non-empty list")
+    if "differences" not in data and "defects" not in data:
+        raise fail(1, "a known-differences file lists differences, defects or both")
     out = []
-    for item in items:
-        ln = line_of(item, default=line_of(items))
-        if not isinstance(item, dict) or set(item) - ENTRY_KEYS or "reason" not in item:
-            keys = ", ".join(sorted(ENTRY_KEYS))
-            raise fail(ln, f"an entry has instances and reason (keys: {keys})")
-        pats = item.get("instances")
-        pats = [pats] if isinstance(pats, str) else pats
-        if not pats or not all(isinstance(p, str) and "[" in p for p in pats):
-            raise fail(ln, "instances: one or more instance ids or globs, e.g. 'eof-dd[*]'")
-        intermittent = item.get("intermittent", False)
-        if not isinstance(intermittent, bool):
-            raise fail(ln, "intermittent: true or false")
-        upstream = str(item.get("upstream", ""))
-        out.append(Known(path, ln, tuple(pats), str(item["reason"]), upstream, when, intermittent))
+    for key in ("differences", "defects"):
+        if key in data:
+            items = data[key]
+            if not isinstance(items, list) or not items:
+                raise fail(line_of(data, key), f"{key} must be a non-empty list")
+            parse = _difference if key == "differences" else _defect
+            out += [parse(item, path, when, fail, line_of(items)) for item in items]
     return out
+
+
+def _patterns(item: dict[str, Any], fail: Any, ln: int) -> tuple[str, ...]:
+    pats = item.get("instances")
+    pats = [pats] if isinstance(pats, str) else pats
+    if not pats or not all(isinstance(p, str) and "[" in p for p in pats):
+        raise fail(ln, "instances: one or more instance ids or globs, e.g. 'eof-dd[*]'")
+    return tuple(pats)
+
+
+def _intermittent(item: dict[str, Any], fail: Any, ln: int) -> bool:
+    intermittent = item.get("intermittent", False)
+    if not isinstance(intermittent, bool):
+        raise fail(ln, "intermittent: true or false")
+    return intermittent
+
+
+def _defect(item: Any, path: Path, when: dict[str, str], fail: Any, default: int) -> Known:
+    ln = line_of(item, default=default)
+    if not isinstance(item, dict) or set(item) - DEFECT_KEYS or DEFECT_REQUIRED - set(item):
+        keys = ", ".join(sorted(DEFECT_REQUIRED))
+        raise fail(ln, f"a defect has {keys} (and may have repro, intermittent)")
+    transports = item["transports"]
+    transports = [transports] if isinstance(transports, str) else transports
+    if not isinstance(transports, list) or not transports or set(transports) - TRANSPORTS:
+        raise fail(ln, "transports: a list of legacy and/or uring")
+    try:
+        re.compile(str(item["signature"]))
+    except re.error as e:
+        raise fail(ln, f"signature: not a regular expression: {e}") from None
+    return Known(
+        path, ln, _patterns(item, fail, ln), str(item["reason"]), "", when,
+        _intermittent(item, fail, ln), kind="defect", signature=str(item["signature"]),
+        evidence=str(item["evidence"]), first_bad=str(item["first-bad"]),
+        transports=tuple(transports), iothreads=str(item["iothreads"]),
+        repro=str(item.get("repro", "")),
+    )  # fmt: skip
+
+
+def _difference(item: Any, path: Path, when: dict[str, str], fail: Any, default: int) -> Known:
+    ln = line_of(item, default=default)
+    if not isinstance(item, dict) or set(item) - ENTRY_KEYS or "reason" not in item:
+        keys = ", ".join(sorted(ENTRY_KEYS))
+        raise fail(ln, f"an entry has instances and reason (keys: {keys})")
+    upstream = str(item.get("upstream", ""))
+    return Known(path, ln, _patterns(item, fail, ln), str(item["reason"]), upstream, when,
+                 _intermittent(item, fail, ln))  # fmt: skip
 
 
 def _when(when: Any, fail: Any, line: int) -> dict[str, str]:

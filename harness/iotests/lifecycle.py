@@ -30,6 +30,7 @@ from ..kernel.mount import find_mount, umount_or_detach
 from ..options import FSTYPE
 from . import runs
 from .cleanup import Outcome, run_all
+from .evidence import hang_report
 from .runs import RUN
 from .timeouts import scaled
 from .waiting import kernel_stacks, wait_until
@@ -56,6 +57,9 @@ class ExporterProcess:
     where the export is set up over QMP after start, configure()."""
 
     fstype = FSTYPE
+    # Whether a hang report walks the threads with gdb (a native daemon with
+    # debug info; the reference exporter's stacks are Python's).
+    backtraces = False
 
     def __init__(self, workdir: Path, mountpoint: Path) -> None:
         self.workdir = workdir
@@ -73,6 +77,9 @@ class ExporterProcess:
         self._spawning = threading.Lock()
         # A mount already on the mountpoint is never ours to remove.
         self._mount_before: int | None = None
+        # Set once a bounded wait on it gave up: its evidence is taken then,
+        # and the cleanup kills it at once (stuck clients finish only then).
+        self.hung = False
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -164,11 +171,16 @@ class ExporterProcess:
             return ""
 
     def report(self) -> str:
-        """What a timed-out wait shows: stderr tail and kernel stacks."""
+        """What a timed-out wait shows: the stderr tail and, while it lives,
+        its threads' stacks (and backtraces) and its clients' state."""
         tail = "\n".join(self.stderr().splitlines()[-20:])
         out = [f"exporter {self.workdir.name} stderr (tail):\n{tail}" if tail.strip() else ""]
         if self.proc is not None and self.returncode() is None:
-            out.append(f"kernel stacks of exporter {self.pid}:\n{kernel_stacks(self.pid)}")
+            if self.backtraces and not self.hung:  # once: gdb takes seconds
+                out.append(hang_report(self.pids(), str(self.mountpoint)))
+            else:
+                out.append(f"kernel stacks of exporter {self.pid}:\n{kernel_stacks(self.pid)}")
+            self.hung = True
         return "\n".join(o for o in out if o)
 
     # -- control socket ---------------------------------------------------
@@ -297,7 +309,9 @@ class ExporterProcess:
     def _kill(self) -> list[str]:
         if self.proc is None or self.returncode() is not None:
             return []
-        self.proc.send_signal(signal.SIGTERM)
+        # A hung exporter gets no graceful stop: waiting for it only keeps
+        # its clients stuck for longer.
+        self.proc.send_signal(signal.SIGKILL if self.hung else signal.SIGTERM)
         try:
             self.proc.wait(scaled(STOP_TIMEOUT))
         except subprocess.TimeoutExpired:

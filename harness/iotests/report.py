@@ -21,6 +21,7 @@ def _result_dict(r: Result) -> dict[str, Any]:
         "target": r.instance.target or "reference",
         "params": dict(r.instance.params),
         "status": r.status,
+        "known": r.known,  # xfail/xpass: "difference" or "defect"
         "reason": r.reason,
         "start": r.start,
         "end": r.end,
@@ -32,13 +33,21 @@ def _result_dict(r: Result) -> dict[str, Any]:
     }
 
 
+def summary(results: list[Result]) -> dict[str, int]:
+    """Counts per status; known defects counted apart from differences."""
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    for kind in ("difference", "defect"):
+        counts[f"xfail-{kind}"] = sum(r.status == "xfail" and r.known == kind for r in results)
+    return counts
+
+
 def write_json(
     path: Path, fingerprint: dict[str, Any], argv: list[str], results: list[Result]
 ) -> None:
     doc = {
         "argv": argv,
         "fingerprint": fingerprint,
-        "summary": {s: sum(r.status == s for r in results) for s in STATUSES},
+        "summary": summary(results),
         "results": [_result_dict(r) for r in results],
     }
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -51,6 +60,8 @@ def write_junit(path: Path, fingerprint: dict[str, Any], results: list[Result]) 
         tests=str(len(results)),
         failures=str(sum(r.status in ("fail", "xpass") for r in results)),
         skipped=str(sum(r.status in ("not run", "xfail") for r in results)),
+        # Not a JUnit attribute, but kept by the usual readers: CI shows defects apart.
+        **{"known-defects": str(summary(results)["xfail-defect"])},
         time=f"{sum(r.elapsed for r in results):.3f}",
     )
     props = ET.SubElement(suite, "properties")
@@ -70,8 +81,8 @@ def write_junit(path: Path, fingerprint: dict[str, Any], results: list[Result]) 
         if r.status in ("fail", "xpass"):
             el = ET.SubElement(tc, "failure", message=first)
             el.text = "\n".join(x for x in (r.reason, r.diff) if x)
-        elif r.status == "xfail":  # a known difference: shown, not failed
-            el = ET.SubElement(tc, "skipped", message=f"xfail: {first}")
+        elif r.status == "xfail":  # a known difference or defect: shown, not failed
+            el = ET.SubElement(tc, "skipped", message=f"xfail ({r.known}): {first}")
             el.text = "\n".join(x for x in (r.reason, r.diff) if x)
         elif r.status == "not run":
             ET.SubElement(tc, "skipped", message=r.reason)

@@ -85,6 +85,7 @@ class Result:
     bad: str = ""
     exporter_stderr: str = ""
     output: str = ""  # the filtered transcript
+    known: str = ""  # xfail/xpass: "difference" or "defect" (known.py)
 
     @property
     def elapsed(self) -> float:
@@ -231,14 +232,20 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
 
 def _apply_known(result: Result, opts: RunOptions) -> None:
     """A listed instance whose transcript differs is an xfail; one that
-    passes, an xpass.  Errors, timeouts and leftovers stay failures."""
+    passes, an xpass.  A listed defect also covers an error or a timeout
+    that shows its signature; leftovers always stay failures."""
     entries = opts.known.match(result.instance, opts.environment(result.instance))
     if not entries:
         return
-    if result.status == "fail" and result.bad:
-        result.status = "xfail"
-        result.reason = "\n".join([*(e.describe() for e in entries), result.reason])
+    failure = f"{result.reason}\n{result.diff}"
+    if result.status == "fail" and "left behind:" not in result.reason:
+        covering = [e for e in entries if e.covers(failure) and (result.bad or e.kind == "defect")]
+        if covering:
+            result.status = "xfail"
+            result.known = "defect" if any(e.kind == "defect" for e in covering) else "difference"
+            result.reason = "\n".join([*(e.describe() for e in covering), result.reason])
     elif result.status == "pass" and not all(e.intermittent for e in entries):
+        result.known = entries[0].kind
         where = ", ".join(e.where for e in entries)
         result.status = "xpass"
         result.reason = f"matches its golden file, but {where} lists it: remove the entry"

@@ -306,16 +306,17 @@ def build_report(
             out[c.name] = {**Spread.of(r).as_dict(), "values": r}
         return out
 
-    # io_uring against every other row; the other io_uring rows against the
-    # rows that are not io_uring.
+    # io_uring against every other row; every other io_uring row (ours in
+    # threads, QEMU's) against the rows that are not io_uring and ours.
+    uring = {p.label for p in peers.peers if p.transport == "io-uring"}
     ratios_of = {
         mine: {
             other: ratios(mine, other)
             for other in labels
-            if other != mine and (mine == "io_uring" or not other.startswith("io_uring"))
+            if other != mine and (mine == "io_uring" or other not in uring or other == "io_uring")
         }
         for mine in labels
-        if mine.startswith("io_uring")
+        if mine in uring
     }
     versus = ratios_of.get("io_uring", {})
     report: dict[str, Any] = {

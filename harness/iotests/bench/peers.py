@@ -53,7 +53,8 @@ def _short(version: str) -> str:
 def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerSet:
     """Our two transports with `queues` queues (io_uring in processes, in
     threads, and in threads with shared ring queues); then QSD 7.2 (one
-    queue, its only mode) and QSD 11.1 with one and with `mq` iothreads."""
+    queue, its only mode), QSD 11.1 with one and with `mq` iothreads, and
+    the series build the same way over /dev/fuse and over io_uring."""
     out = PeerSet()
     reference = resolve("reference")
     classic = _base(queues)
@@ -81,19 +82,27 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
         return out
     # allow-other off: QSD's default (auto) would try it and need fuse.conf.
     single = _base(1).with_({"allow-other": "off"})
-    for name in ("qsd", "qsd-11.1"):
+    for name in ("qsd", "qsd-11.1", "qsd-series"):
         try:
             t = resolve(name)
         except TargetError as e:
             out.skipped.append(f"{name}: {e}")
             continue
-        label = f"qsd-{_short(t.version)}"
-        out.peers.append(Peer(label, t, single, "dev-fuse", 1))
-        if mq > 1:
-            multi = single.with_({"queues": mq})
-            problem = t.settings_problem(multi)
-            if problem:
-                out.skipped.append(f"{label}-mq{mq}: {problem}")
+        # The series build's version is the base's: its rows say "series".
+        label = name if name == "qsd-series" else f"qsd-{_short(t.version)}"
+        rows = [(label, single, "dev-fuse")]
+        if "io-uring" in t.capabilities:  # QEMU's own FUSE-over-io_uring
+            if uring_problem:
+                out.skipped.append(f"{label}-uring: {uring_problem}")
             else:
-                out.peers.append(Peer(f"{label}-mq{mq}", t, multi, "dev-fuse", mq))
+                rows.append((f"{label}-uring", single.with_({"io-uring": "on"}), "io-uring"))
+        for row, settings, transport in rows:
+            out.peers.append(Peer(row, t, settings, transport, 1))
+            if mq > 1:
+                multi = settings.with_({"queues": mq})
+                problem = t.settings_problem(multi)
+                if problem:
+                    out.skipped.append(f"{row}-mq{mq}: {problem}")
+                else:
+                    out.peers.append(Peer(f"{row}-mq{mq}", t, multi, transport, mq))
     return out

@@ -5,7 +5,10 @@ QMP with blockdev-add, object-add iothread and block-export-add, so events
 (BLOCK_EXPORT_DELETED) and errors arrive as they do in iotests.
 
 `qsd` is the qemu-storage-daemon on PATH (or QSD=PATH, or --qsd PATH);
-`qsd-11.1` is upstream QSD fetched by `tools/qsd fetch`.  What it can do is
+`qsd-11.1` is upstream QSD fetched by `tools/qsd fetch`; `qsd-series` is
+QEMU built from source with the patch stack in FUSE_IOTESTS_SERIES
+(`tools/qsd build`, cached), labelled with its version and the stack's hash
+so that known-differences and defect files can name that exact build.  What it can do is
 read from its QMP schema (query-qmp-schema), never from its version:
 `iothread` as a list (multi-queue, QEMU 10.1+) and `io-uring` in the FUSE
 export options (the FUSE-over-io_uring patches).
@@ -21,12 +24,13 @@ from typing import Any
 
 from ...options import OPTIONS as TABLE
 from ...options import Settings
-from ..lifecycle import REPO, ExporterProcess, ExportFailed
+from ...qsd import build, fetch, series
+from ..lifecycle import ExporterProcess, ExportFailed
 from ..waiting import WaitTimeout
 from . import Target, TargetError
 
-NAMES = ("qsd", "qsd-11.1")
-FETCHED = REPO / ".cache" / "qsd-11.1" / "qemu-storage-daemon"
+NAMES = ("qsd", "qsd-11.1", "qsd-series")
+FETCHED = fetch.WRAPPER
 # The export options QSD has: the table's rows with a qsd column.
 OPTIONS = frozenset(o.key for o in TABLE if o.qsd)
 
@@ -41,6 +45,7 @@ def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
 
 class QsdExporter(ExporterProcess):
     fstype = "fuse"  # libfuse's plain type: ownership is by mount id
+    backtraces = True
 
     def __init__(
         self,
@@ -111,6 +116,11 @@ def detect(name: str, binary: str | None) -> Target:
         if not FETCHED.exists():
             raise TargetError("target qsd-11.1 is not fetched: run tools/qsd fetch")
         path: str | None = str(FETCHED)
+    elif name == "qsd-series":  # always the stack's build: built here when missing
+        try:
+            path = str(series.series_build().daemon)
+        except build.BuildError as e:
+            raise TargetError(f"target qsd-series: {str(e).splitlines()[0]}") from None
     else:
         path = binary or os.environ.get("QSD") or shutil.which("qemu-storage-daemon")
     if not path or not os.access(path, os.X_OK):
@@ -118,6 +128,9 @@ def detect(name: str, binary: str | None) -> Target:
             f"target {name}: no qemu-storage-daemon ({path or 'not on PATH'}; set QSD=PATH)"
         )
     version, schema = query(path)
+    made = build.info(path)  # one of tools/qsd build's: name the stack too
+    if made is not None:
+        version = made.label
     return Qsd("qsd", version, capabilities(schema), OPTIONS, binary=path)
 
 

@@ -104,6 +104,7 @@ class PrivateApt:
 
     root: Path
     suites: tuple[str, ...]
+    types: tuple[str, ...] = ("deb",)  # ("deb-src",) for source packages
 
     def _options(self) -> list[str]:
         a = self.root
@@ -134,7 +135,7 @@ class PrivateApt:
         except KeyError:
             pass
         signed = f"[signed-by={key}] " if key and os.access(key, os.R_OK) else ""
-        sources = "".join(f"deb {signed}{uri} {s} main\n" for s in self.suites)
+        sources = "".join(f"{t} {signed}{uri} {s} main\n" for t in self.types for s in self.suites)
         stamp = a / "lists" / ".updated"
         fresh = stamp.exists() and time.time() - stamp.stat().st_mtime < max_age
         if fresh and stamp.read_text() == sources:
@@ -190,6 +191,26 @@ class PrivateApt:
             elif line.strip().startswith("Candidate:") and name:
                 versions[name] = line.split()[1]
         return {n: v for n, v in versions.items() if v != "(none)"}
+
+    def depends(self, name: str) -> list[str]:
+        """The Depends closure of a package as apt resolves it (real package
+        names only: no <virtual> ones), sorted."""
+        out = self._run(
+            ["apt-cache", *self._options(), "depends", "--recurse", "--no-recommends",
+             "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
+             "--no-enhances", name]
+        )  # fmt: skip
+        return sorted({ln for ln in out.splitlines() if ln and ln[0] not in " <"})
+
+    def source(self, name: str, version: str, dest: Path) -> list[Path]:
+        """The files of source package name=version (.dsc, tarballs), checked
+        against the signed Sources index, into dest."""
+        dest.mkdir(parents=True, exist_ok=True)
+        self._run(
+            ["apt-get", *self._options(), "-qq", "source", "--download-only", f"{name}={version}"],
+            cwd=dest,
+        )
+        return sorted(p for p in dest.iterdir() if p.is_file())
 
     def download(self, names: list[str], dest: Path) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,92 @@
+"""Evidence from a target that hangs: what its threads and its clients are
+doing at the moment a bounded wait gives up.
+
+A hung daemon is a finding, not a harness failure.  Before the cleanup
+SIGKILLs it (so that stuck clients finish), the report gets every thread's
+kernel stack, a user-space backtrace of every thread through gdb where gdb
+is installed (QEMU builds carry debug info), and the state of each client
+process that holds a file on the mount or sleeps uninterruptibly in FUSE.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .waiting import kernel_stacks
+
+GDB_BOUND = 30.0  # attach, read the symbols of a debug build, walk every thread
+
+
+def gdb_backtraces(pid: int, bound: float = GDB_BOUND) -> str:
+    """`thread apply all bt` of a live process, or one line saying why not."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return "(no gdb installed: no user-space backtraces)"
+    argv = [gdb, "-nx", "-batch", "-p", str(pid), "-ex", "set pagination off",
+            "-ex", "thread apply all bt"]  # fmt: skip
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=bound)
+    except subprocess.TimeoutExpired:
+        return f"(gdb did not finish within {bound:.0f} s)"
+    # Only the thread headers and frames: gdb's chatter (symbol loading,
+    # "[New LWP ...]") says nothing about the hang.
+    keep = [ln for ln in res.stdout.splitlines() if ln.startswith(("Thread ", "#"))]
+    return "\n".join(keep) if keep else f"(gdb: {(res.stderr.strip().splitlines() or ['?'])[-1]})"
+
+
+def _state(pid: str) -> tuple[str, str]:
+    """(comm, state letter) of a process, or ('', '') when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "", ""
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return comm, stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def clients(mountpoint: str, exclude: set[int]) -> list[int]:
+    """Processes other than the target's that hold a file on the mount, or
+    sleep uninterruptibly inside FUSE (a client whose request is stuck)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        pid = entry.name
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            holds = any(os.readlink(f"/proc/{pid}/fd/{fd}") == mountpoint for fd in fds)
+        except OSError:
+            continue
+        if not holds and _state(pid)[1] == "D":
+            try:
+                holds = "fuse" in Path(f"/proc/{pid}/stack").read_text()
+            except OSError:
+                pass
+        if holds:
+            found.append(int(pid))
+    return sorted(found)
+
+
+def client_states(mountpoint: str, exclude: set[int]) -> str:
+    out = []
+    for pid in clients(mountpoint, exclude):
+        comm, state = _state(str(pid))
+        try:
+            stack = Path(f"/proc/{pid}/stack").read_text().rstrip()
+        except OSError as e:
+            stack = f"<{e.strerror}>"
+        out.append(f"--- client {pid} ({comm}) state {state} ---\n{stack}")
+    return "\n".join(out) if out else "(no client holds the mount or waits in FUSE)"
+
+
+def hang_report(pids: list[int], mountpoint: str) -> str:
+    """Everything about a target that stopped answering, for the finding."""
+    parts = []
+    for pid in pids:
+        parts.append(f"kernel stacks of target process {pid}:\n{kernel_stacks(pid)}")
+        parts.append(f"user-space backtraces of target process {pid}:\n{gdb_backtraces(pid)}")
+    parts.append(f"clients of {mountpoint}:\n{client_states(mountpoint, set(pids))}")
+    return "\n".join(parts)
