@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from harness.iotests.lifecycle import REPO
+from harness.iotests.qsd import build as qb
+from harness.iotests.qsd import fetch, series
+from harness.iotests.qsd.bisect import Step, _search
 from harness.iotests.signature import BAD, GOOD, SKIP, Signature, judge
-from harness.qsd import build as qb
-from harness.qsd import fetch, series
-from harness.qsd.bisect import Step, _search
 
 QSD_TOOL = REPO / "tools" / "qsd"
 

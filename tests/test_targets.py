@@ -115,16 +115,16 @@ def test_known_differences_match_target_version_and_kernel(tmp_path: Path) -> No
         ("when: {target: qsd}\ndifferences: []\n", ":2: differences must be a non-empty list"),
         (
             "when: {target: qsd}\ndefects:\n  - {instances: 'a[*]', reason: r}\n",
-            ":3: a defect has evidence, first-bad, instances, iothreads, reason, signature",
+            ":3: a defect has evidence, first-bad, instances, iothreads, reason, repro, signature",
         ),
         (
             "when: {target: qsd}\ndefects:\n  - {instances: 'a[*]', reason: r, signature: '(',"
-            " evidence: e, first-bad: p, transports: [uring], iothreads: '1'}\n",
+            " evidence: e, first-bad: p, transports: [uring], iothreads: '1', repro: c}\n",
             ":3: signature: not a regular expression",
         ),
         (
             "when: {target: qsd}\ndefects:\n  - {instances: 'a[*]', reason: r, signature: x,"
-            " evidence: e, first-bad: p, transports: [tcp], iothreads: '1'}\n",
+            " evidence: e, first-bad: p, transports: [tcp], iothreads: '1', repro: c}\n",
             ":3: transports: a list of legacy and/or uring",
         ),
         ("when: {tagret: qsd}\ndifferences: [{instances: 'a[*]', reason: r}]\n", ":1: when:"),
@@ -272,6 +272,7 @@ def _as_defect(golden: Path, signature: str) -> None:
         "# a defect, for the test\nwhen: {target: qsd}\ndefects:\n"
         "  - instances: ['rw-seek[*]']\n    transports: [legacy]\n    iothreads: '1'\n"
         "    reason: SEEK_HOLE at EOF\n    evidence: the diff\n    first-bad: none\n"
+        "    repro: tools/check --target qsd rw-seek\n"
         f"    signature: '{signature}'\n"
     )
 

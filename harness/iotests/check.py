@@ -323,7 +323,7 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
 
 def _repro(ns: argparse.Namespace, specs: list[CaseSpec]) -> int:
     """Write the bisect script for one instance; its path is the last line."""
-    from ..qsd import build as qsd_build
+    from .qsd import build as qsd_build
     from .repro import write_script
 
     try:

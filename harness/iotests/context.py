@@ -75,8 +75,11 @@ class CaseContext:
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self._cleaning = threading.Lock()
-        self._cleanups: list[tuple[str, Callable[[], None]]] = []
+        self._cleanups: list[tuple[str, Callable[[], None], bool]] = []
         self.diagnostics: list[Callable[[], str]] = []
+        # Set when the body failed or timed out: the cleanups then kill what
+        # it started at once instead of asking it to stop (it may be hung).
+        self.gave_up = False
         self.cancel_reason = ""
         self._cancelled = threading.Event()
         self.budget: Budget | None = None
@@ -111,14 +114,17 @@ class CaseContext:
         with self._lock:
             return len(self.lines)
 
-    def defer(self, fn: Callable[[], None], what: str = "") -> None:
-        """Run fn at the end of the instance, whatever happens.
+    def defer(self, fn: Callable[[], None], what: str = "", target: bool = False) -> None:
+        """Run fn at the end of the instance, whatever happens (last
+        registered, first run; after a failure, what a target registered
+        with target=True goes first: killing a hung server is what lets
+        its stuck clients finish).
 
         Register before creating the resource; a cancelled instance refuses
         (raises Cancelled) so nothing is created after its cleanups ran."""
         self.check_cancelled()
         with self._lock:
-            self._cleanups.append((what or getattr(fn, "__name__", "cleanup"), fn))
+            self._cleanups.append((what or getattr(fn, "__name__", "cleanup"), fn, target))
 
     def diagnose(self, fn: Callable[[], str]) -> None:
         """fn() is added to the report of a timeout or a failed wait."""
@@ -144,16 +150,24 @@ class CaseContext:
             return scaled(cap if cap is not None else UNBUDGETED)
         return self.budget.bound(cap)
 
-    def wait(self, condition: Callable[[], T], what: str, timeout: float | None = None) -> T:
+    def wait(
+        self,
+        condition: Callable[[], T],
+        what: str,
+        timeout: float | None = None,
+        expected: bool = False,
+    ) -> T:
         """A bounded poll (default: the budget's bound) that reports the
         instance's diagnostics on timeout, and stops at once when the
-        instance is cancelled (Ctrl-C, timeout)."""
+        instance is cancelled (Ctrl-C, timeout).  expected: a timeout the
+        caller turns into a transcript line (no diagnostics to gather)."""
 
         def cond() -> T:
             self.check_cancelled()
             return condition()
 
-        return wait_until(cond, self.bound() if timeout is None else timeout, what, self.report)
+        bound = self.bound() if timeout is None else timeout
+        return wait_until(cond, bound, what, None if expected else self.report)
 
     def run_cleanups(self) -> list[str]:
         """Run (once) every deferred cleanup; return the errors they raised.
@@ -163,7 +177,9 @@ class CaseContext:
         with self._cleaning:
             with self._lock:
                 todo, self._cleanups = self._cleanups[::-1], []
-            outcome = run_all((f"cleanup {what}", fn) for what, fn in todo)
+            if self.gave_up:
+                todo.sort(key=lambda c: not c[2])  # stable: targets first, else LIFO
+            outcome = run_all((f"cleanup {what}", fn) for what, fn, _ in todo)
             return outcome.failed
 
     @property

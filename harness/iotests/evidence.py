@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .waiting import kernel_stacks
+from .waiting import is_descendant, kernel_stacks
 
 GDB_BOUND = 30.0  # attach, read the symbols of a debug build, walk every thread
 
@@ -49,7 +49,9 @@ def _state(pid: str) -> tuple[str, str]:
 
 def clients(mountpoint: str, exclude: set[int]) -> list[int]:
     """Processes other than the target's that hold a file on the mount, or
-    sleep uninterruptibly inside FUSE (a client whose request is stuck)."""
+    that this harness started and that sleep uninterruptibly (a client
+    stuck in open() holds no file yet; other users' clients are not ours
+    to report)."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) in exclude:
@@ -60,12 +62,7 @@ def clients(mountpoint: str, exclude: set[int]) -> list[int]:
             holds = any(os.readlink(f"/proc/{pid}/fd/{fd}") == mountpoint for fd in fds)
         except OSError:
             continue
-        if not holds and _state(pid)[1] == "D":
-            try:
-                holds = "fuse" in Path(f"/proc/{pid}/stack").read_text()
-            except OSError:
-                pass
-        if holds:
+        if holds or (_state(pid)[1] == "D" and is_descendant(int(pid), os.getpid())):
             found.append(int(pid))
     return sorted(found)
 

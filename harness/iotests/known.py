@@ -53,7 +53,7 @@ WHEN_KEYS = {"target", "version", "kernel"}
 ENTRY_KEYS = {"instances", "reason", "upstream", "intermittent"}
 DEFECT_KEYS = {"instances", "transports", "iothreads", "reason", "signature", "evidence",
                "first-bad", "repro", "intermittent"}  # fmt: skip
-DEFECT_REQUIRED = DEFECT_KEYS - {"repro", "intermittent"}
+DEFECT_REQUIRED = DEFECT_KEYS - {"intermittent"}
 TRANSPORTS = {"legacy", "uring"}
 _CMP = re.compile(r"^\s*(<=|>=|<|>|==|!=)\s*([0-9][0-9.]*)\s*$")
 
@@ -216,7 +216,7 @@ def _defect(item: Any, path: Path, when: dict[str, str], fail: Any, default: int
     ln = line_of(item, default=default)
     if not isinstance(item, dict) or set(item) - DEFECT_KEYS or DEFECT_REQUIRED - set(item):
         keys = ", ".join(sorted(DEFECT_REQUIRED))
-        raise fail(ln, f"a defect has {keys} (and may have repro, intermittent)")
+        raise fail(ln, f"a defect has {keys} (and may have intermittent)")
     transports = item["transports"]
     transports = [transports] if isinstance(transports, str) else transports
     if not isinstance(transports, list) or not transports or set(transports) - TRANSPORTS:
@@ -230,7 +230,7 @@ def _defect(item: Any, path: Path, when: dict[str, str], fail: Any, default: int
         _intermittent(item, fail, ln), kind="defect", signature=str(item["signature"]),
         evidence=str(item["evidence"]), first_bad=str(item["first-bad"]),
         transports=tuple(transports), iothreads=str(item["iothreads"]),
-        repro=str(item.get("repro", "")),
+        repro=str(item["repro"]),
     )  # fmt: skip
 
 
@@ -257,10 +257,28 @@ def _when(when: Any, fail: Any, line: int) -> dict[str, str]:
     return out
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "&#124;").replace("\n", " ")
+
+
+def defects_markdown(known: KnownDifferences) -> str:
+    """Every listed defect as a Markdown table, one line each, for the README."""
+    rows = [
+        "| when | instances | transports | iothreads | what goes wrong | first bad | repro |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in (e for e in known.entries if e.kind == "defect"):
+        when = ", ".join(f"{k} {v}" for k, v in e.when.items())
+        pats = " ".join(f"`{p}`" for p in e.patterns)
+        cells = [when, pats, ", ".join(e.transports), e.iothreads, e.reason, e.first_bad]
+        rows.append("| " + " | ".join(map(_cell, cells)) + f" | `{_cell(e.repro)}` |")
+    return "\n".join(rows)
+
+
 def markdown(known: KnownDifferences) -> str:
-    """Every entry as a Markdown table, for the README (kept in sync by a test)."""
+    """Every difference as a Markdown table, for the README (kept in sync by a test)."""
     rows = ["| when | instances | reason | upstream |", "|---|---|---|---|"]
-    for e in known.entries:
+    for e in (e for e in known.entries if e.kind == "difference"):
         when = ", ".join(f"{k} {v}" for k, v in e.when.items())
         pats = " ".join(f"`{p}`" for p in e.patterns)
         cells = [when, pats, e.reason, e.upstream]

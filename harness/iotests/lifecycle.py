@@ -33,7 +33,7 @@ from .cleanup import Outcome, run_all
 from .evidence import hang_report
 from .runs import RUN
 from .timeouts import scaled
-from .waiting import kernel_stacks, wait_until
+from .waiting import is_descendant, kernel_stacks, wait_until
 
 # Outside a case's budget (cleanup, the harness's own tests); all scaled.
 START_TIMEOUT = 10.0
@@ -77,9 +77,6 @@ class ExporterProcess:
         self._spawning = threading.Lock()
         # A mount already on the mountpoint is never ours to remove.
         self._mount_before: int | None = None
-        # Set once a bounded wait on it gave up: its evidence is taken then,
-        # and the cleanup kills it at once (stuck clients finish only then).
-        self.hung = False
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -176,11 +173,10 @@ class ExporterProcess:
         tail = "\n".join(self.stderr().splitlines()[-20:])
         out = [f"exporter {self.workdir.name} stderr (tail):\n{tail}" if tail.strip() else ""]
         if self.proc is not None and self.returncode() is None:
-            if self.backtraces and not self.hung:  # once: gdb takes seconds
+            if self.backtraces:
                 out.append(hang_report(self.pids(), str(self.mountpoint)))
             else:
                 out.append(f"kernel stacks of exporter {self.pid}:\n{kernel_stacks(self.pid)}")
-            self.hung = True
         return "\n".join(o for o in out if o)
 
     # -- control socket ---------------------------------------------------
@@ -288,15 +284,17 @@ class ExporterProcess:
             self.report,
         )
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self, kill: bool = False) -> list[str]:
         """Remove whatever is left; return what had to be removed.  Each part
         runs even if another failed; a failure is raised at the end, and the
-        exporter leaves TRACKER only once nothing of it is left."""
+        exporter leaves TRACKER only once nothing of it is left.  kill: it
+        may be hung (its case failed), so no graceful stop: SIGKILL at once,
+        which is also what lets its stuck clients finish."""
         with self._spawning:  # a spawn in progress finishes first
             self._cleaned = True
         outcome = run_all(
             [
-                ("stop the process", self._kill),
+                ("stop the process", lambda: self._kill(kill)),
                 ("close QMP", self.close_qmp),
                 ("remove the mount", self._unmount),
             ]
@@ -306,12 +304,10 @@ class ExporterProcess:
         TRACKER.discard(self)
         return outcome.removed
 
-    def _kill(self) -> list[str]:
+    def _kill(self, kill: bool) -> list[str]:
         if self.proc is None or self.returncode() is not None:
             return []
-        # A hung exporter gets no graceful stop: waiting for it only keeps
-        # its clients stuck for longer.
-        self.proc.send_signal(signal.SIGKILL if self.hung else signal.SIGTERM)
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             self.proc.wait(scaled(STOP_TIMEOUT))
         except subprocess.TimeoutExpired:
@@ -377,7 +373,7 @@ class Tracker:
             if entry is not None and entry.is_fuse:
                 found.append(f"FUSE mount on {mp}")
         for pid in _dev_fuse_holders():
-            if _is_descendant(pid, os.getpid()):
+            if is_descendant(pid, os.getpid()):
                 found.append(f"pid {pid} holds /dev/fuse")
         return found
 
@@ -397,18 +393,6 @@ def _dev_fuse_holders() -> list[int]:
             except OSError:
                 continue
     return pids
-
-
-def _is_descendant(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
 
 
 TRACKER = Tracker()

@@ -42,6 +42,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     ),
     "capabilities": _capabilities,
     "known": lambda: known.markdown(known.load(KNOWN_DIR)),
+    "defects": lambda: known.defects_markdown(known.load(KNOWN_DIR)),
 }
 
 

@@ -179,6 +179,7 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
                 if not busy:
                     body, env = _prepare(spec, inst, ctx, opts.target)
                     error, busy = _run_with_timeout(body, ctx, spec.timeout * scale())
+                    ctx.gave_up = ctx.gave_up or bool(error)
             except Exception as e:  # e.g. the image cannot be made: this instance fails
                 tb = "".join(traceback.format_exception(e)[-3:]).rstrip()
                 error = f"harness error: {type(e).__name__}: {e}\n{tb}"
@@ -316,6 +317,7 @@ def _run_with_timeout(
         report += [f"  {line}" for line in ctx.tail(5)]
         report.append(ctx.report())
         report.append(_thread_report(t))
+        ctx.gave_up = True
         stop_case(ctx, finished, "timed out")
         if not finished.is_set():
             report.append("the case thread is still stuck after cleanup")

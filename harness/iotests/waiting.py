@@ -56,3 +56,16 @@ def kernel_stacks(pid: int) -> str:
             comm = "?"
         lines.append(f"--- task {tid} ({comm}) ---\n{stack}")
     return "\n".join(lines)
+
+
+def is_descendant(pid: int, ancestor: int) -> bool:
+    """Whether pid is ancestor or runs below it (walking /proc's ppid chain)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False

@@ -23,7 +23,13 @@ from .vocabulary import EXPORT_FIELDS, mapping, ops, qid_list, step, step_list, 
 
 SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "INT": signal.SIGINT}
 SHOW = ("negotiation", "layout", "counters", "export")
-QMP_EVENT_WAIT = 20.0  # an event that does not come: how long to look (scaled)
+# An event that does not come: how long to look (scaled).  Exporters emit
+# them within milliseconds of the cause; a hung one never does.
+QMP_EVENT_WAIT = 5.0
+# An exporter exits or unmounts within milliseconds of being told to (QSD
+# about 2 ms, the reference about 6 ms); waiting longer only delays the
+# report of one that hangs (scaled).
+STOP_WAIT = 5.0
 
 
 @step("signal", scalar=choice(*SIGNALS), export=True, metavar="TERM, KILL or INT")
@@ -36,7 +42,7 @@ def _signal(s: Session, name: str) -> None:
 @step("wait-exit", export=True)
 def _wait_exit(s: Session, _: None) -> None:
     """Wait (bounded) for the exporter to exit; print its status."""
-    code = s.need_exporter().wait_exit(s.bound())
+    code = s.need_exporter().wait_exit(s.bound(STOP_WAIT))
     if code < 0:
         s.log(f"exporter killed by {signal.Signals(-code).name}")
     else:
@@ -65,7 +71,7 @@ def _qmp_event(s: Session, name: str) -> None:
         return event
 
     try:
-        event = s.wait(arrived, f"QMP event {name}", cap=QMP_EVENT_WAIT)
+        event = s.wait(arrived, f"QMP event {name}", cap=QMP_EVENT_WAIT, expected=True)
     except WaitTimeout:  # what the target did, for the transcript to show
         others = f" (others: {', '.join(seen)})" if seen else ""
         s.log(f"no {name} event{others}")
@@ -90,7 +96,7 @@ def _umount(s: Session, a: dict[str, Any]) -> None:
 @step("wait-unmounted", export=True)
 def _wait_unmounted(s: Session, _: None) -> None:
     """Wait (bounded) until the mount table no longer lists our mount."""
-    s.need_exporter().wait_unmounted(s.bound())
+    s.need_exporter().wait_unmounted(s.bound(STOP_WAIT))
     s.log("unmounted (mount table)")
 
 
@@ -157,14 +163,14 @@ def _cycles(s: Session, a: dict[str, Any]) -> None:
     exporter_res, own_res = set(), []
     for _ in range(a["count"]):
         if s.exporter is not None and s.exporter.returncode() is None:
-            s.exporter.stop(s.bound())
+            s.exporter.stop(s.bound(STOP_WAIT))
             s.exporter.cleanup()
         mark = s.ctx.mark()
         s.start_export()
         exp = s.need_exporter()
         s.run_steps(subs)
         exporter_res.add(_resources(exp.pid))
-        s.log(f"stop: exporter exited with status {exp.stop(s.bound())}")
+        s.log(f"stop: exporter exited with status {exp.stop(s.bound(STOP_WAIT))}")
         exp.cleanup()
         outputs.append(s.ctx.take_since(mark))
         gc.collect()  # closed-but-unreferenced objects are not leaks

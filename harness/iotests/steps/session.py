@@ -136,10 +136,16 @@ class Session:
         """How long a wait may take now (the instance's budget; see timeouts)."""
         return self.ctx.bound(cap)
 
-    def wait(self, condition: Callable[[], T], what: str, cap: float | None = None) -> T:
+    def wait(
+        self,
+        condition: Callable[[], T],
+        what: str,
+        cap: float | None = None,
+        expected: bool = False,
+    ) -> T:
         """A bounded poll within the instance's budget; WaitTimeout reports
-        the instance's diagnostics."""
-        return self.ctx.wait(condition, what, self.bound(cap))
+        the instance's diagnostics (unless expected: see CaseContext.wait)."""
+        return self.ctx.wait(condition, what, self.bound(cap), expected)
 
     def tool(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run an external program (dd, fio, qemu-io ...) within the budget:
@@ -176,7 +182,9 @@ class Session:
         work.mkdir()
         image = None if settings["null-size"] is not None else self.image
         exp = self.export_target.exporter(work, self.target, image, settings)
-        self.ctx.defer(exp.cleanup, f"exporter {work.name}")
+        self.ctx.defer(
+            lambda: exp.cleanup(kill=self.ctx.gave_up), f"exporter {work.name}", target=True
+        )
         self.ctx.diagnose(exp.report)
         return exp
 

@@ -24,8 +24,8 @@ from typing import Any
 
 from ...options import OPTIONS as TABLE
 from ...options import Settings
-from ...qsd import build, fetch, series
 from ..lifecycle import ExporterProcess, ExportFailed
+from ..qsd import build, fetch, series
 from ..waiting import WaitTimeout
 from . import Target, TargetError
 

@@ -15,8 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..iotests.lifecycle import REPO
-from ..iotests.vm.apt import AptError, PrivateApt
+from ..lifecycle import REPO
+from ..vm.apt import AptError, PrivateApt
 from .build import BuildError, _locked, say
 
 CACHE = REPO / ".cache" / "qsd-11.1"

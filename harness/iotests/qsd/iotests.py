@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..iotests.lifecycle import REPO
+from ..lifecycle import REPO
 from .build import CONFIGURE, CONFIGURE_BOUND, NINJA_BOUND, Build, _ccache_env, _run, build, say
 
 EMULATOR = "qemu-system-tricore"  # the smallest softmmu target; check picks its board
@@ -34,7 +34,9 @@ EMULATOR_CONFIGURE = (
     "--disable-fdt",  # else configure writes subprojects/dtc into the source tree
 )
 CHECK_BOUND = 3600.0
-LINE = re.compile(r"^(?P<test>\S+)\s+(?P<status>pass|fail|not run)\s")
+# check prints "NAME ... [start]" and, on the same line unless stdout is a
+# terminal, "NAME status [start] [end]": the last verdict on a line counts.
+VERDICT = re.compile(r"(?P<test>[\w-]+)\s+(?P<status>pass|fail|not run)\s+\[")
 
 # 308's sections (its .out headers) and the cases here that check the same.
 SECTIONS_308 = {
@@ -53,7 +55,8 @@ SECTIONS_308 = {
 
 @dataclass
 class IotestsRun:
-    name: str  # "-fuse -raw", "-fuse -raw (io_uring)", "-raw -file 308"
+    name: str  # the check arguments
+    label: str  # the column: "/dev/fuse", "io_uring", "308"
     verdicts: dict[str, str] = field(default_factory=dict)
     exit: int = 0
     log: Path = Path()
@@ -83,8 +86,8 @@ def _tool(b: Build, name: str) -> Path:
     return path
 
 
-def _check(b: Build, env: dict[str, str], args: list[str], log: Path) -> IotestsRun:
-    run = IotestsRun(" ".join(args), log=log)
+def _check(b: Build, env: dict[str, str], args: list[str], log: Path, label: str) -> IotestsRun:
+    run = IotestsRun(" ".join(args), label, log=log)
     say(f"qemu-iotests check {run.name}")
     with log.open("w") as out:
         try:
@@ -102,9 +105,9 @@ def _check(b: Build, env: dict[str, str], args: list[str], log: Path) -> Iotests
         except subprocess.TimeoutExpired:
             run.exit = -1
     for line in log.read_text(errors="replace").splitlines():
-        m = LINE.match(line)
-        if m:
-            run.verdicts[m.group("test")] = m.group("status")
+        found = list(VERDICT.finditer(line))
+        if found:
+            run.verdicts[found[-1].group("test")] = found[-1].group("status")
     return run
 
 
@@ -148,9 +151,21 @@ def run_iotests(tests: list[str], source: str, patches: list[str]) -> int:
             return {**e, "FUSE_OVER_IO_URING": "1"} if uring else e
 
         runs = [
-            _check(b, env(False, "legacy"), ["-fuse", "-raw", *tests], logs / "fuse-legacy.log"),
-            _check(b, env(True, "uring"), ["-fuse", "-raw", *tests], logs / "fuse-uring.log"),
-            _check(b, env(False, "308"), ["-raw", "-file", "308"], logs / "308.log"),
+            _check(
+                b,
+                env(False, "legacy"),
+                ["-fuse", "-raw", *tests],
+                logs / "fuse-legacy.log",
+                "/dev/fuse",
+            ),
+            _check(
+                b,
+                env(True, "uring"),
+                ["-fuse", "-raw", *tests],
+                logs / "fuse-uring.log",
+                "io_uring",
+            ),
+            _check(b, env(False, "308"), ["-raw", "-file", "308"], logs / "308.log", "308"),
         ]
         bad308 = next(Path(tmp, "308").rglob("308.out.bad"), None) or next(
             (b.build_dir / "tests" / "qemu-iotests").rglob("308.out.bad"), None
@@ -189,11 +204,15 @@ def _our_verdicts(b: Build, cases: list[str]) -> dict[str, dict[str, str]]:
 
 
 def _print(runs: list[IotestsRun], differing: set[str], ours: dict[str, dict[str, str]]) -> None:
-    print("qemu-iotests (QEMU's own), per test:")
-    tests = sorted({t for r in runs for t in r.verdicts})
-    print(f"  {'test':8s} " + " ".join(f"{r.name:>22s}" for r in runs))
-    for t in tests:
-        print(f"  {t:8s} " + " ".join(f"{r.verdicts.get(t, '-'):>22s}" for r in runs))
+    labels = [r.label for r in runs]
+    ran = sorted({t for r in runs for t, v in r.verdicts.items() if v != "not run"})
+    skipped = {t for r in runs for t, v in r.verdicts.items() if v == "not run"} - set(ran)
+    print("qemu-iotests (QEMU's own): -fuse -raw over /dev/fuse and io_uring, and 308")
+    w = max([8, *map(len, ran)])
+    print(f"  {'test':{w}s} " + " ".join(f"{label:>10s}" for label in labels))
+    for t in ran:
+        print(f"  {t:{w}s} " + " ".join(f"{r.verdicts.get(t, '-'):>10s}" for r in runs))
+    print(f"  ({len(skipped)} more not run in any: not suitable for the fuse protocol or raw)")
     print("\n308 section by section, beside this project's cases for the same behaviour:")
     for section, cases in SECTIONS_308.items():
         verdict = "differs" if section in differing else "same"

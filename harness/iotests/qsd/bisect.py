@@ -27,11 +27,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..iotests.context import Instance
-from ..iotests.lifecycle import REPO
-from ..iotests.repro import write_script
-from ..iotests.signature import BAD, GOOD, SKIP, Signature, judge
-from ..iotests.spec import load_all
+from ..context import Instance
+from ..lifecycle import REPO
+from ..repro import write_script
+from ..signature import BAD, GOOD, SKIP, Signature, judge
+from ..spec import load_all
 from .build import BuildError, PatchStack, build, say
 
 # A case every build that serves at all passes on either transport: the

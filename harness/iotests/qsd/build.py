@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..iotests.lifecycle import REPO
-from ..iotests.vm.apt import AptError, PrivateApt
+from ..lifecycle import REPO
+from ..vm.apt import AptError, PrivateApt
 
 CACHE = REPO / ".cache" / "qemu"
 DEFAULT_SOURCE = "1:10.2.2+ds-1"

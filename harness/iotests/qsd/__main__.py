@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import OneLineParser
+from ...cli import OneLineParser
 from .build import DEFAULT_SOURCE, BuildError, build, say
 from .series import default_patches
 

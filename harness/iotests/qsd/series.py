@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..iotests.lifecycle import REPO
+from ..lifecycle import REPO
 from .build import DEFAULT_SOURCE, Build, BuildError, build
 
 DEFAULT_SERIES = REPO.parent / "shared" / "qemu-series"
