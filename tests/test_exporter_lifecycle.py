@@ -107,6 +107,22 @@ def test_kill9_leaves_a_stale_mount_that_cleanup_removes(exports, client, transp
     assert not exp.is_mounted()
 
 
+def test_a_signal_nobody_sent_is_a_crash_that_cleanup_reports(exports, transport):
+    exp = exports.start(writable=True)
+    os.kill(exp.pid, signal.SIGABRT)  # as an assertion in the exporter would
+    assert exp.wait_exit() == -signal.SIGABRT
+    with pytest.raises(
+        RuntimeError, match=rf"the target crashed: pid {exp.pid} was killed by SIGABRT"
+    ):
+        exp.cleanup()
+    assert not exp.is_mounted()  # removed all the same
+    # A signal the case sent itself is no crash.
+    exp = exports.start(writable=True)
+    exp.signal(signal.SIGKILL)
+    assert exp.wait_exit() == -signal.SIGKILL
+    assert exp.crash() == "" and exp.cleanup() == [f"mount {exp.mountpoint}"]
+
+
 def test_fail_and_delay_faults(exports, client, transport):
     exp = exports.start(writable=True)
     rule = exp.inject("fail", opcode="read", offset=8192, errno="EIO")

@@ -77,6 +77,8 @@ class ExporterProcess:
         self._spawning = threading.Lock()
         # A mount already on the mountpoint is never ours to remove.
         self._mount_before: int | None = None
+        self._signalled: set[int] = set()  # what the case sent (signal steps)
+        self._crash_reported = False
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -254,7 +256,18 @@ class ExporterProcess:
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
+        self._signalled.add(sig)
         self.proc.send_signal(sig)
+
+    def crash(self) -> str:
+        """'' unless the process died of a signal nobody sent it (an
+        assertion's SIGABRT, a SIGSEGV): then what a finding needs."""
+        code = self.returncode()
+        if code is None or code >= 0 or -code in self._signalled:
+            return ""
+        name = signal.Signals(-code).name
+        tail = "\n".join(self.stderr().splitlines()[-20:])
+        return f"the target crashed: pid {self.pid} was killed by {name}\n{tail}".rstrip()
 
     def wait_exit(self, timeout: float | None = None) -> int:
         code = wait_until(
@@ -292,6 +305,8 @@ class ExporterProcess:
         which is also what lets its stuck clients finish."""
         with self._spawning:  # a spawn in progress finishes first
             self._cleaned = True
+        # Before the kill (our SIGKILL is no crash), and reported once.
+        crashed, self._crash_reported = (self.crash() if not self._crash_reported else ""), True
         outcome = run_all(
             [
                 ("stop the process", lambda: self._kill(kill)),
@@ -300,8 +315,10 @@ class ExporterProcess:
             ]
         )
         if outcome.failed:
-            raise RuntimeError("; ".join(outcome.failed))
+            raise RuntimeError("; ".join([crashed, *outcome.failed]).lstrip("; "))
         TRACKER.discard(self)
+        if crashed:  # removed, and reported as the finding it is
+            raise RuntimeError(crashed)
         return outcome.removed
 
     def _kill(self, kill: bool) -> list[str]:

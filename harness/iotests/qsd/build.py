@@ -82,6 +82,12 @@ class BuildError(RuntimeError):
     """One line (and, for a failed compile, the compiler's tail) for the user."""
 
 
+class BuildFailed(BuildError):
+    """The inputs themselves do not build (a patch that does not apply, a
+    compile error): remembered in the cache, so that bisect does not build
+    the same broken prefix twice.  Fetch errors and timeouts are not."""
+
+
 def say(msg: str) -> None:
     print(f"qsd: {msg}", file=sys.stderr, flush=True)
 
@@ -298,11 +304,18 @@ def build(
     configure = (*CONFIGURE, *extra_configure)
     key = cache_key(source, stack, configure)
     root = CACHE / "builds" / key
+    failed = CACHE / "builds" / f"{key}.failed"
     with _locked(CACHE / "builds" / f"{key}.lock"):
         found = info(root / "bin" / "qemu-storage-daemon")
         if found is not None and all((root / "bin" / t).exists() for t in TOOLS):
             return found
-        return _build(source, stack, configure, key, root)
+        if failed.exists():
+            raise BuildFailed(f"(cached) {failed.read_text()}")
+        try:
+            return _build(source, stack, configure, key, root)
+        except BuildFailed as e:
+            failed.write_text(str(e))
+            raise
 
 
 def _build(
@@ -417,10 +430,10 @@ def _apply(patch: Patch, tree: Path, n: int, total: int) -> str:
     # A dry run first, so a stack that does not apply leaves no half-patched file.
     dry = subprocess.run([*argv, "--dry-run"], cwd=tree, capture_output=True, text=True, timeout=60)
     if dry.returncode:
-        raise BuildError(f"patch {n}/{total} {patch.name} does not apply: {_failure(dry.stdout)}")
+        raise BuildFailed(f"patch {n}/{total} {patch.name} does not apply: {_failure(dry.stdout)}")
     res = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=60)
     if res.returncode:
-        raise BuildError(f"patch {n}/{total} {patch.name} does not apply: {_failure(res.stdout)}")
+        raise BuildFailed(f"patch {n}/{total} {patch.name} does not apply: {_failure(res.stdout)}")
     notes, current = [], ""
     for line in res.stdout.splitlines():
         m = _FILE.match(line)
@@ -491,7 +504,7 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], bound: float, what: st
         except subprocess.TimeoutExpired:
             raise BuildError(f"{what} did not finish within {bound:.0f} s (log: {log})") from None
     if res.returncode:
-        raise BuildError(f"{what} failed (exit {res.returncode}, log: {log}):\n{_tail(log)}")
+        raise BuildFailed(f"{what} failed (exit {res.returncode}, log: {log}):\n{_tail(log)}")
 
 
 def _tail(log: Path, lines: int = 30) -> str:
