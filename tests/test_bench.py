@@ -97,6 +97,11 @@ def test_bad_options_give_one_line_and_mount_nothing(tmp_path: Path) -> None:
         (["--json", str(tmp_path / "nodir" / "x.json")], 2, "no directory"),
         (["--repeat", "0"], 2, "must be positive"),
         (["--cells", "qd1-jobs1,nope"], 1, "bench: no cell 'nope'"),
+        (
+            ["--no-qsd", "--peers", "classic,qsd-9"],
+            1,
+            "bench: --peers: no row qsd-9 (rows: classic",
+        ),
     ]
     for args, code, text in cases:
         res = subprocess.run([*BENCH, *args], cwd=REPO, capture_output=True, text=True, env=env)

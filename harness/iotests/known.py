@@ -23,8 +23,8 @@ differences, each with the evidence and the first bad patch or kernel:
         first-bad: 0002-export-fuse-process-FUSE-over-io_uring-requests.patch
         repro: tools/qsd bisect 'export-del[qsd-uring]' --repro FILE
 
-A defect covers a failure only when the failure's report or diff matches its
-signature, so a new way of failing on the same instance is not hidden; a
+A defect covers a failure only when the failure's report, diff or transcript
+matches its signature, so a new way of failing on the same instance is not hidden; a
 hang (a bounded wait or the case timeout) counts, leftovers never do.
 
 A listed instance that fails reports xfail (reason and diff in the report);

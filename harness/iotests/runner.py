@@ -238,7 +238,9 @@ def _apply_known(result: Result, opts: RunOptions) -> None:
     entries = opts.known.match(result.instance, opts.environment(result.instance))
     if not entries:
         return
-    failure = f"{result.reason}\n{result.diff}"
+    # A hang stops the case before the golden comparison: its transcript
+    # so far is part of what a defect's signature may match.
+    failure = f"{result.reason}\n{result.diff}\n{result.output}"
     if result.status == "fail" and "left behind:" not in result.reason:
         covering = [e for e in entries if e.covers(failure) and (result.bad or e.kind == "defect")]
         if covering:

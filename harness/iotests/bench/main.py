@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-qsd", action="store_true", help="only our two transports")
     p.add_argument(
+        "--peers",
+        metavar="A,B",
+        help="only these rows (labels as the tables print them, e.g. classic,io_uring,"
+        "qsd-series,qsd-series-uring)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="one more run per cell and exporter under perf stat: syscalls, switches per I/O",
@@ -208,6 +214,13 @@ def _main(ns: argparse.Namespace) -> int:
     uring_problem = ensure_uring()
     with kernel_lock(exclusive=False):
         peers = collect(ns.queues, uring_problem, not ns.no_qsd, ns.qsd_iothreads)
+        if ns.peers:
+            wanted = ns.peers.split(",")
+            unknown = sorted(set(wanted) - set(peers.labels()))
+            if unknown:
+                raise BenchError(f"--peers: no row {', '.join(unknown)} "
+                                 f"(rows: {', '.join(peers.labels())})")  # fmt: skip
+            peers.peers = [p for p in peers.peers if p.label in wanted]
         for note in peers.skipped:
             print(f"bench: not run: {note}", file=sys.stderr)
         fp = fingerprint.collect(list({p.target.label: p.target for p in peers.peers}.values()))
