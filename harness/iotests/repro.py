@@ -103,12 +103,13 @@ def write_script(
         else "0 when the instance matches its\n# golden file, 1 when it does not"
     )
     quoted = [a if a == '"$qsd"' else shlex.quote(a) for a in args]
+    writer = "tools/qsd bisect" if signature is not None else "tools/check --repro"
     path.write_text(
         f"""#!/usr/bin/env bash
 # Reproduce {inst.id}{where}.
 # Exit status as `git bisect run` wants it: {expect}, 125 when it cannot run (a requirement
 # is missing, the VM did not boot, the daemon does not build).
-# Written by tools/check --repro on {time.strftime("%Y-%m-%d %H:%M")} from
+# Written by {writer} on {time.strftime("%Y-%m-%d %H:%M")} from
 # {REPO} at {git_revision()}.
 set -u
 repo={shlex.quote(str(REPO))}
