@@ -85,7 +85,7 @@ class Bisection:
         self.scratch = scratch
         self.signature: Signature | None = None
 
-    def _run(self, upto: int, inst: Instance, tag: str) -> tuple[dict[str, object] | None, str]:
+    def run(self, upto: int, inst: Instance, tag: str) -> tuple[dict[str, object] | None, str]:
         try:
             daemon = build(self.source, [str(p.path) for p in self.stack.patches], upto).daemon
         except BuildError as e:
@@ -96,7 +96,7 @@ class Bisection:
 
     def test(self, upto: int) -> Step:
         assert self.signature is not None
-        result, why = self._run(upto, self.inst, "case")
+        result, why = self.run(upto, self.inst, "case")
         if result is None:
             return Step(upto, SKIP, why)
         verdict, why = judge(result, self.signature)
@@ -117,7 +117,7 @@ class Bisection:
             for i in s.instances()
             if i.mode == "fuse" and i.transport == self.inst.transport
         )
-        result, why = self._run(upto, smoke, "smoke")
+        result, why = self.run(upto, smoke, "smoke")
         if result is None:
             return f"{SMOKE_CASE} did not run: {why}"
         if result["status"] != "pass":
@@ -133,7 +133,7 @@ def bisect(given: str, source: str, patches: list[str], repro: str | None) -> in
     with tempfile.TemporaryDirectory(prefix="fuse-iotests-bisect.") as tmp:
         b = Bisection(inst, source, stack, Path(tmp))
         say(f"{inst.id}: running on the whole stack ({n} patches)")
-        result, why = b._run(n, inst, "tip")
+        result, why = b.run(n, inst, "tip")
         if result is None:
             raise BuildError(f"cannot run {inst.id} on the whole stack: {why}")
         if result["status"] in ("pass", "not run"):
