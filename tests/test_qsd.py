@@ -214,3 +214,18 @@ def test_a_signature_matches_the_same_failure_only() -> None:
     # A listed failure (xfail) is still that failure.
     listed = {**eio, "status": "xfail", "reason": "known defect, x.yaml:3: ...\noutput mismatch"}
     assert judge(listed, Signature.of(eio))[0] == BAD
+
+
+@needs_series
+def test_a_repro_script_for_the_series_rebuilds_its_daemon_first(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [REPO / "tools" / "check", "--repro", "export-del[qsd-uring]", "--target", "qsd-series"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    script = Path(res.stdout.splitlines()[-1]).read_text()
+    made = series.series_build()
+    build_line = next(ln for ln in script.splitlines() if ln.startswith("qsd=$("))
+    assert f"build --source {made.source_spec} --patches" in build_line
+    assert all(p in build_line for p in made.patch_paths) and build_line.endswith("|| exit 125")
+    assert 'FUSE_OVER_IO_URING=1 "$repo/tools/check" -fuse --target qsd --qsd "$qsd"' in script
