@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable
 
+from ..cli import run_tool
 from ..options import reference_table
 from . import known
 from .filters import filter_reference
@@ -71,4 +72,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_tool(lambda: main(sys.argv[1:]))

@@ -21,11 +21,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ..cli import run_tool
 from ..kernel.mount import mount_table
 from .lifecycle import REPO, child_env
 
@@ -141,4 +141,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)
