@@ -28,15 +28,6 @@ def test_tools_demo_passes() -> None:
     assert "image holds the written bytes" in res.stdout
 
 
-def test_readme_reference_is_current() -> None:
-    """The README's reference tables are generated from the code."""
-    from harness.iotests import readme
-
-    text = readme.README.read_text()
-    assert readme.render(text) == text, "stale: python -m harness.iotests.readme --write"
-    assert "| `hold` |" in text and "| `queues` |" in text and "| `faults` |" in text
-
-
 def _closed_stdout(
     argv: list[str], timeout: float, unbuffered: bool = False
 ) -> subprocess.CompletedProcess[str]:

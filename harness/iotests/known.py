@@ -181,7 +181,7 @@ def _when(when: Any, fail: Any, line: int) -> dict[str, str]:
 
 
 def markdown(known: KnownDifferences) -> str:
-    """Every entry as a Markdown table, for the README (kept in sync by a test)."""
+    """Every entry as a Markdown table, for docs/targets.md (kept in sync by a test)."""
     rows = ["| when | instances | reason | upstream |", "|---|---|---|---|"]
     for e in known.entries:
         when = ", ".join(f"{k} {v}" for k, v in e.when.items())

@@ -10,8 +10,8 @@
    FUSE mount, exporter, client or instance directory of the harness is
    left.  Run it alone: that check looks at the whole machine.
 
-Not part of .ci/run (it takes about half an hour); the README has its last
-result.
+Not part of .ci/run (it takes about half an hour); docs/running.md has its
+last result.
 """
 
 from __future__ import annotations

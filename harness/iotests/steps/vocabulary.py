@@ -3,8 +3,8 @@
 A step is `name: argument` in a case.  Its definition (StepDef) holds
 everything the rest of the harness needs to know about it, in one place:
 how its argument converts, and the metadata the plan compiler
-(harness.iotests.plan), the requirement check (runner) and the README
-generator read: whether it needs an export, the case to run alone, which
+(harness.iotests.plan), the requirement check (runner) and the docs'
+table generator (readme) read: whether it needs an export, the case to run alone, which
 names it defines or refers to, whether it may run inside `cycles`, which
 target capabilities and which external programs it needs.  The step bodies
 live in the concern modules beside this one and register with @step.
@@ -276,7 +276,7 @@ class StepDef:
         return req
 
     def flags(self) -> list[str]:
-        """The metadata, as the README's step table shows it."""
+        """The metadata, as the step table of docs/writing-cases.md shows it."""
         out = []
         if self.export:
             out.append("export")
@@ -316,7 +316,7 @@ def step(name: str, fields: Fields | None = None, **meta: Any) -> Callable[[Body
 
 
 def step_reference() -> str:
-    """The vocabulary as Markdown, for the README (kept in sync by a test)."""
+    """The vocabulary as Markdown, for docs/writing-cases.md (kept in sync by a test)."""
     lines = []
     for name in sorted(STEPS):
         sd = STEPS[name]
