@@ -2,8 +2,8 @@
 
 The reference exporter's command line, the harness's exporter arguments, a
 case's `export:` block and `start-export` step, which options the qsd target
-has, and the README's option table are all read from OPTIONS, so a new
-option is one row here, plus its use in the exporter and, where QSD has it,
+has, and the option table in docs/targets.md are all read from OPTIONS, so
+a new option is one row here, plus its use in the exporter and, where QSD has it,
 its QMP argument in targets/qsd.py.  Defaults are QEMU's.
 """
 
@@ -197,7 +197,7 @@ class Settings(Mapping[str, Any]):
 
 
 def reference_table() -> str:
-    """The options as Markdown rows, for the README (kept in sync by a test)."""
+    """The options as Markdown rows, for docs/targets.md (kept in sync by a test)."""
     rows = []
     for o in OPTIONS:
         default = "none" if o.default is None else str(o.default).lower()

@@ -53,7 +53,7 @@ def test_job_files_are_the_seed_matrix() -> None:
         ("qd64-jobs1", 64, 1),
         ("qd64-jobs4", 64, 4),
     ]
-    for c in cells:  # what the README promises: plain fio can run them
+    for c in cells:  # what docs/bench.md promises: plain fio can run them
         text = c.jobfile.read_text()
         for line in ("rw=randrw", "rwmixread=70", "bs=4k", "ioengine=libaio", "direct=1"):
             assert line in text.splitlines(), (c.jobfile, line)

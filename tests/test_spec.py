@@ -296,7 +296,7 @@ def test_the_validator_tracks_what_runs(tmp_path: Path, steps: str, expected: st
 
 def test_a_new_step_is_its_definition_only(tmp_path: Path) -> None:
     """Registering a step is all it takes: the validator, the requirement
-    check and the README table read its metadata."""
+    check and the docs' step table read its metadata."""
     from harness.iotests.steps import STEPS, step, step_reference
 
     @step("x-probe", scalar=int, metavar="N", export=True, tools=("fio",), serial=True)

@@ -1,5 +1,6 @@
 import sys
 
+from ..cli import run_tool
 from .export import main
 
 if sys.argv[1:] == ["--spare"]:
@@ -8,4 +9,4 @@ if sys.argv[1:] == ["--spare"]:
     from .export import serve_spare
 
     sys.exit(serve_spare(sys.stdin.buffer))
-sys.exit(main())
+run_tool(main)

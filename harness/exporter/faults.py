@@ -14,13 +14,10 @@ import errno
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..kernel.abi import Op, op_name
 from .protocol import Request
-
-if TYPE_CHECKING:
-    from .transport import Queue
 
 ACTIONS = ("hold", "fail", "delay", "stall")
 
@@ -67,11 +64,17 @@ class Rule:
         return d
 
 
+class Poster(Protocol):
+    """The queue that parked a request (transport.Queue): takes it back."""
+
+    def post(self, d: Deferred) -> None: ...
+
+
 @dataclass(eq=False)
 class Deferred:
     """A request that the handler has not seen yet."""
 
-    queue: Queue
+    queue: Poster
     req: Request
     token: Any  # the transport's handle to reply on (e.g. a ring entry)
     rule: Rule

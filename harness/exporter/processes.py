@@ -1,7 +1,7 @@
 """Queue processes (--queue-processes): each io_uring queue in a process.
 
 Queue threads share one GIL, so two ring threads never run Python at once,
-and they hand the GIL over on every request (README, "Where the time goes").
+and they hand the GIL over on every request (docs/bench.md, "Where the time goes").
 With this option the exporter forks one process per queue after FUSE_INIT.
 A child registers its ring queues' entries in its own io_uring and serves
 READ, WRITE, FLUSH and FSYNC itself.  Everything else, and every request

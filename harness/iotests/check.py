@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ..cli import OneLineParser
+from ..cli import OneLineParser, run_tool
 from ..kernel.params import ensure_uring, read_enable_uring, restore_enable_uring, uring_in_kernel
 from . import known, targets, timeouts
 from .context import Instance
@@ -384,7 +384,13 @@ def _run_all(
             with lock:
                 results.append(r)
                 if not stop.is_set():
-                    _print_result(r, width, debug)
+                    try:
+                        _print_result(r, width, debug)
+                    except BrokenPipeError:
+                        # Nobody reads any more (| head): start no other
+                        # instance; the summary's print ends the run quietly
+                        # (cli.run_tool).
+                        stop.set()
 
     # Events, not Thread.join(): a join interrupted by Ctrl-C can make the
     # next join return at once while the thread still runs.
@@ -459,4 +465,4 @@ def _remove_empty(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

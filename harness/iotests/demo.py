@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..cli import run_tool
 from ..kernel.params import ensure_uring
 from ..options import Settings
 from ..patterns import pattern_bytes
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

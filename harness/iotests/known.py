@@ -262,7 +262,8 @@ def _cell(text: str) -> str:
 
 
 def defects_markdown(known: KnownDifferences) -> str:
-    """Every listed defect as a Markdown table, one line each, for the README."""
+    """Every listed defect as a Markdown table, one line each, for the README
+    (kept in sync by a test)."""
     rows = [
         "| when | instances | transports | iothreads | what goes wrong | first bad | repro |",
         "|---|---|---|---|---|---|---|",
@@ -276,7 +277,7 @@ def defects_markdown(known: KnownDifferences) -> str:
 
 
 def markdown(known: KnownDifferences) -> str:
-    """Every difference as a Markdown table, for the README (kept in sync by a test)."""
+    """Every difference as a Markdown table, for docs/targets.md (kept in sync by a test)."""
     rows = ["| when | instances | reason | upstream |", "|---|---|---|---|"]
     for e in (e for e in known.entries if e.kind == "difference"):
         when = ", ".join(f"{k} {v}" for k, v in e.when.items())

@@ -11,11 +11,9 @@ raw YAML again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..options import Settings
 from .context import Instance
 from .steps import (
     CASE_DEFAULTS,
@@ -26,9 +24,13 @@ from .steps import (
     StepDef,
     convert_fields,
 )
-
-DEFAULT_IMAGE_SIZE = 1 << 20
-DEFAULT_FILL = "offsets"
+from .steps.planned import (
+    DEFAULT_FILL,
+    DEFAULT_IMAGE_SIZE,
+    Plan,
+    PlannedStep,
+    export_settings,
+)
 
 
 class PlanError(ValueError):
@@ -46,59 +48,6 @@ class RawStep:
     name: str
     arg: Any
     line: int
-
-
-@dataclass(frozen=True)
-class PlannedStep:
-    """A step ready to run: its definition and converted argument."""
-
-    defn: StepDef
-    value: Any
-    line: int
-    steps: tuple[PlannedStep, ...] = ()  # a `cycles` step's own steps
-
-    @property
-    def name(self) -> str:
-        return self.defn.name
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one instance does, fully converted and checked."""
-
-    instance: Instance
-    steps: tuple[PlannedStep, ...] = ()
-    image_size: int = DEFAULT_IMAGE_SIZE
-    fill: str = DEFAULT_FILL
-    settings: Settings | None = None  # the export's options; None: -file, Python cases
-    start: bool = True  # start the export before the first step
-    requires: dict[str, Any] = field(default_factory=dict)
-
-    def all_steps(self) -> Iterator[PlannedStep]:
-        """Every step, those inside cycles included."""
-        return _flatten(self.steps)
-
-    @property
-    def needs(self) -> frozenset[str]:
-        """The target capabilities the steps need."""
-        return frozenset().union(*(s.defn.needs for s in self.all_steps()))
-
-    def export_settings(self) -> list[Settings]:
-        """Every set of options an export of this plan starts with."""
-        return _export_settings(self.settings, self.steps)
-
-
-def _flatten(steps: tuple[PlannedStep, ...]) -> Iterator[PlannedStep]:
-    for s in steps:
-        yield s
-        yield from s.steps
-
-
-def _export_settings(settings: Settings | None, steps: tuple[PlannedStep, ...]) -> list[Settings]:
-    if settings is None:
-        return []
-    extra = [s.value for s in _flatten(steps) if s.defn.starts_export and s.value]
-    return [settings, *(settings.with_(e) for e in extra)]
 
 
 @dataclass
@@ -141,7 +90,7 @@ def compile_plan(
     # Per instance, from what its exports ask for: io-uring on needs the
     # ring; auto takes it where the kernel has it and falls back where not
     # (the path to test there); off needs /dev/fuse only.
-    modes = {s["io-uring"] for s in _export_settings(settings, steps)}
+    modes = {s["io-uring"] for s in export_settings(settings, steps)}
     if "on" in modes:
         req["uring"] = True
     elif "auto" in modes:

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import run_tool
 from .context import Instance
 from .fingerprint import git_revision
 from .lifecycle import REPO
@@ -136,4 +137,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_tool(lambda: main(sys.argv[1:]))

@@ -10,8 +10,8 @@
    FUSE mount, exporter, client or instance directory of the harness is
    left.  Run it alone: that check looks at the whole machine.
 
-Not part of .ci/run (it takes about half an hour); the README has its last
-result.
+Not part of .ci/run (it takes about half an hour); docs/running.md has its
+last result.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ..cli import run_tool
 from ..kernel.mount import mount_table
 from .lifecycle import REPO, child_env
 
@@ -141,4 +141,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -1,5 +1,4 @@
-import sys
-
+from ...cli import run_tool
 from .main import main
 
-sys.exit(main())
+run_tool(main)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ...cli import run_tool
 from ...kernel.params import ensure_uring, kernel_lock, read_enable_uring, restore_enable_uring
 from .. import fingerprint
 from ..check import Terminated, ignore_signals, terminate
@@ -438,4 +439,4 @@ def last_line(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -1,11 +1,12 @@
 """The step vocabulary of YAML cases, one module per concern.
 
 vocabulary holds argument types, StepDef (a step's metadata) and the
-registry; session the state and services steps act through; the other
+registry; planned what the plan compiler (harness.iotests.plan) makes of a
+case; session the state and services steps act through; the other
 modules hold step bodies (io, tools, faults, export, host).  Importing the
 package imports every module in it, so a new step is one @step function in
 the module of its concern (or a new module here), plus its case and golden
-file; the README's table is generated from the registry.
+file; the table in docs/writing-cases.md is generated from the registry.
 """
 
 from __future__ import annotations

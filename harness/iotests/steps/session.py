@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from ...options import Settings
 from ...patterns import offset_pattern, pattern_bytes
@@ -26,9 +26,7 @@ from ..filters import FilterEnv
 from ..lifecycle import ExporterProcess
 from ..targets import Target
 from ..waiting import WaitTimeout
-
-if TYPE_CHECKING:
-    from ..plan import Plan, PlannedStep
+from .planned import Plan, PlannedStep
 
 T = TypeVar("T")
 

@@ -3,8 +3,8 @@
 A step is `name: argument` in a case.  Its definition (StepDef) holds
 everything the rest of the harness needs to know about it, in one place:
 how its argument converts, and the metadata the plan compiler
-(harness.iotests.plan), the requirement check (runner) and the README
-generator read: whether it needs an export, the case to run alone, which
+(harness.iotests.plan), the requirement check (runner) and the docs'
+table generator (readme) read: whether it needs an export, the case to run alone, which
 names it defines or refers to, whether it may run inside `cycles`, which
 target capabilities and which external programs it needs.  The step bodies
 live in the concern modules beside this one and register with @step.
@@ -16,15 +16,12 @@ import errno as errno_mod
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from ...kernel import abi
 from ...options import OPTIONS, Settings, boolean, choice, parse_size
 from ...patterns import IMAGE_FILLS
 from ..targets import CAPABILITIES
-
-if TYPE_CHECKING:
-    from .session import Session
 
 # -- argument types (each converts or raises ValueError) ------------------
 
@@ -220,12 +217,18 @@ class NameUse:
         )
 
 
+# A step body, called with the Session and the converted argument.  The
+# session is not named here: it runs planned steps, so it sits above this.
+StepBody = Callable[[Any, Any], None]
+Body = TypeVar("Body", bound=StepBody)
+
+
 @dataclass(frozen=True)
 class StepDef:
     """One step type: its argument, what it needs, and its body."""
 
     name: str
-    run: Callable[[Session, Any], None]
+    run: StepBody
     doc: str = ""
     fields: Fields | None = None  # a mapping argument
     scalar: Callable[[Any], Any] | None = None  # a scalar argument
@@ -273,7 +276,7 @@ class StepDef:
         return req
 
     def flags(self) -> list[str]:
-        """The metadata, as the README's step table shows it."""
+        """The metadata, as the step table of docs/writing-cases.md shows it."""
         out = []
         if self.export:
             out.append("export")
@@ -297,16 +300,14 @@ class StepDef:
 STEPS: dict[str, StepDef] = {}
 
 
-def step(
-    name: str, fields: Fields | None = None, **meta: Any
-) -> Callable[[Callable[[Session, Any], None]], Callable[[Session, Any], None]]:
+def step(name: str, fields: Fields | None = None, **meta: Any) -> Callable[[Body], Body]:
     """Register a step body under name, with its StepDef metadata."""
     meta["needs"] = frozenset(meta.get("needs", ()))
     assert meta["needs"] <= set(CAPABILITIES), meta["needs"]
     assert set(meta.get("tools", ())) <= set(TOOLS), meta.get("tools")
     assert name not in STEPS, f"step {name} registered twice"
 
-    def register(fn: Callable[[Session, Any], None]) -> Callable[[Session, Any], None]:
+    def register(fn: Body) -> Body:
         doc = (fn.__doc__ or "").strip().splitlines()[0]
         STEPS[name] = StepDef(name, fn, doc, fields, **meta)
         return fn
@@ -315,7 +316,7 @@ def step(
 
 
 def step_reference() -> str:
-    """The vocabulary as Markdown, for the README (kept in sync by a test)."""
+    """The vocabulary as Markdown, for docs/writing-cases.md (kept in sync by a test)."""
     lines = []
     for name in sorted(STEPS):
         sd = STEPS[name]

@@ -6,29 +6,18 @@ The first line it prints is the boot marker the host times the boot by.
 Without --timeout-scale, the scale is the measured slowdown: how much
 longer importing the runner takes here than it took on the host (TCG is
 25-50x slower), at least 1.
+
+It imports the runner only after printing the marker, so that the boot
+time does not include that import.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 
-MARKER = "VM-GUEST-UP"
-IMPORT_PROBE = "import harness.iotests.check"
-IMPORT_BOUND = 600.0  # ~0.2 s on the host, ~10 s under TCG
-
-
-def import_time(python: str = sys.executable) -> float:
-    """Seconds to start Python and import the runner (best of three)."""
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.monotonic()
-        subprocess.run([python, "-c", IMPORT_PROBE], check=True, timeout=IMPORT_BOUND)
-        best = min(best, time.monotonic() - t0)
-    return best
+from .boot import MARKER, import_time
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from typing import TextIO
 from .. import runs
 from ..lifecycle import REPO, child_env
 from ..timeouts import scaled
-from .guest import MARKER, import_time
+from .boot import MARKER, import_time
 from .kernels import CACHE, Kernel
 
 VNG = REPO / ".venv" / "bin" / "vng"
