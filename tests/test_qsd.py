@@ -207,6 +207,14 @@ def test_a_signature_matches_the_same_failure_only() -> None:
     assert judge(again, sig)[0] == BAD
     assert judge(_result("fail", "bounded wait: step 'write' (line 9): timed out"), sig)[0] == GOOD
     assert judge(_result("pass"), sig)[0] == GOOD
+    unmount = "bounded wait: step 'wait-unmounted' (line 7): timed out after 5.0s waiting for "
+    a = _result("fail", unmount + "/tmp/fuse-iotests.zoyavyw3/export-del.sNnb_n8j/disk.fuse")
+    b = _result("fail", unmount + "/tmp/fuse-iotests.q1_x9/export-del.Zz0/disk.fuse to go")
+    assert Signature.of(a).text == (
+        "bounded wait: step 'wait-unmounted' (line N): timed out after Ns waiting for PATH"
+    )
+    assert judge(a, Signature.of(b))[0] == GOOD  # "to go": another wait
+    assert judge(_result("fail", a["reason"].replace("zoy", "abc")), Signature.of(a))[0] == BAD
     assert judge(_result("not run", "target has no FUSE-over-io_uring"), sig)[0] == SKIP
     eio = _result("fail", "output mismatch", bad="x.out.bad", output="dd: Input/output error\n")
     enospc = _result("fail", "output mismatch", bad="x.out.bad", output="dd: No space left\n")

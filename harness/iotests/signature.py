@@ -5,7 +5,7 @@ that differs for any reason; bisecting on the failure's own signature finds
 where *this* failure came from.  A signature is:
 
     mismatch   the filtered transcript (already free of paths, times, pids)
-    error      the report's first line with numbers blanked: a bounded wait
+    error      the report's first line, paths and numbers blanked: a bounded wait
                that gave up on the same step for the same thing, the same
                crash, the same harness-side error
 """
@@ -21,12 +21,14 @@ from typing import Any
 GOOD, BAD, SKIP = 0, 1, 125
 
 _NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
+_PATH = re.compile(r"/[^\s:'\"]+")  # an instance's directories have random names
 
 
 def _first_line(reason: str) -> str:
-    """The report's first line that is not a known-entry note."""
+    """The report's first line that is not a known-entry note, with paths
+    and numbers blanked."""
     lines = [ln for ln in reason.splitlines() if not ln.startswith("known ")]
-    return _NUMBER.sub("N", lines[0]) if lines else ""
+    return _NUMBER.sub("N", _PATH.sub("PATH", lines[0])) if lines else ""
 
 
 @dataclass(frozen=True)
