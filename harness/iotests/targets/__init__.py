@@ -12,6 +12,7 @@ anything, so nothing runs half-supported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from collections.abc import Iterable
@@ -63,6 +64,11 @@ class Target:
     def starts_warm(self) -> bool:
         """Its exporters start from warm spares (targets/reference.py)."""
         return self.name == DEFAULT
+
+    def settled(self) -> contextlib.AbstractContextManager[None]:
+        """Held while the harness counts its own fds and threads: what the
+        target's support code does in the background pauses meanwhile."""
+        return contextlib.nullcontext()
 
     def lacks(self, needs: Iterable[str]) -> str | None:
         """Why capabilities `needs` are not all here, or None."""

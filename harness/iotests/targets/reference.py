@@ -140,6 +140,11 @@ class SparePool:
             return True
         return False
 
+    def settled(self) -> contextlib.AbstractContextManager[None]:
+        """While held, no spare is being started: the keeper's fork and its
+        pipes would show in a count of this process's fds."""
+        return self._spawning
+
     def idle_pids(self) -> list[int]:
         with self._lock:
             return [spare.pid for spare, _ in self._idle]
@@ -218,6 +223,9 @@ class ReferenceExporter(ExporterProcess):
 
 
 class Reference(Target):
+    def settled(self) -> contextlib.AbstractContextManager[None]:
+        return SPARES.settled()
+
     def exporter(
         self, workdir: Path, mountpoint: Path, image: Path | None, settings: Settings
     ) -> ExporterProcess:
