@@ -58,6 +58,7 @@ def _closed_stdout(
         ["export", "--help"],
         ["export", "--version"],
         ["stress", "--help"],
+        ["qsd", "--help"],
     ],
     ids=" ".join,
 )

@@ -15,9 +15,8 @@ Progress goes to stderr; the path asked for is the last line of stdout.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ...cli import OneLineParser
+from ...cli import OneLineParser, run_tool
 from .build import DEFAULT_SOURCE, BuildError, build, say
 from .series import default_patches
 
@@ -95,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)
