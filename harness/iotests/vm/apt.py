@@ -104,6 +104,7 @@ class PrivateApt:
 
     root: Path
     suites: tuple[str, ...]
+    types: tuple[str, ...] = ("deb",)  # ("deb-src",) for source packages
 
     def _options(self) -> list[str]:
         a = self.root
@@ -134,7 +135,7 @@ class PrivateApt:
         except KeyError:
             pass
         signed = f"[signed-by={key}] " if key and os.access(key, os.R_OK) else ""
-        sources = "".join(f"deb {signed}{uri} {s} main\n" for s in self.suites)
+        sources = "".join(f"{t} {signed}{uri} {s} main\n" for t in self.types for s in self.suites)
         stamp = a / "lists" / ".updated"
         fresh = stamp.exists() and time.time() - stamp.stat().st_mtime < max_age
         if fresh and stamp.read_text() == sources:
@@ -190,6 +191,11 @@ class PrivateApt:
             elif line.strip().startswith("Candidate:") and name:
                 versions[name] = line.split()[1]
         return {n: v for n, v in versions.items() if v != "(none)"}
+
+    def source(self, spec: str, dest: Path) -> None:
+        """Download a source package (name=version) into dest, unpacked."""
+        dest.mkdir(parents=True, exist_ok=True)
+        self._run(["apt-get", *self._options(), "-qq", "source", spec], cwd=dest)
 
     def download(self, names: list[str], dest: Path) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)
