@@ -73,6 +73,8 @@ class ExporterProcess:
         self._spawning = threading.Lock()
         # A mount already on the mountpoint is never ours to remove.
         self._mount_before: int | None = None
+        # Asked for FUSE-over-io_uring (io-uring on): checked once it is up.
+        self.wants_ring = False
 
     def command(self) -> list[str]:
         raise NotImplementedError
