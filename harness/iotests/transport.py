@@ -8,7 +8,8 @@ counted in /proc/PID/io `wchar`; over the ring the kernel copies it out of
 the ring buffer on COMMIT_AND_FETCH, which counts nowhere.  So the check
 sends PROBES attribute requests the server must answer (statx with
 AT_STATX_FORCE_SYNC: no attribute cache, no image I/O) and looks at how
-many bytes the exporter's processes wrote meanwhile.  A GETATTR reply is
+many bytes the exporter's processes wrote meanwhile (the INIT reply, 80
+bytes, may be among them).  A GETATTR reply is
 120 bytes, so PROBES of them over /dev/fuse write several KiB, while a ring
 server writes at most a few eventfd words.  It costs PROBES round trips.
 """
@@ -83,12 +84,14 @@ def check(pids: list[int], mountpoint: Path) -> None:
 def served_over_dev_fuse(pids: list[int], mountpoint: Path) -> str | None:
     """Why the export at mountpoint, served by pids, is not on the ring, or
     None when its replies do not go through /dev/fuse."""
-    if not uring_fds(pids):
-        return "asked for FUSE-over-io_uring but serves over /dev/fuse (no io_uring fd)"
     before = written(pids)
     for _ in range(PROBES):
         _statx_sync(mountpoint)
     wrote = written(pids) - before
+    # Counted after the probes: the first waits for the INIT reply, and a
+    # server may set its rings up while it answers INIT (libfuse does).
+    if not uring_fds(pids):
+        return "asked for FUSE-over-io_uring but serves over /dev/fuse (no io_uring fd)"
     if wrote >= THRESHOLD:
         return (
             f"asked for FUSE-over-io_uring but serves over /dev/fuse ({PROBES} GETATTR "
