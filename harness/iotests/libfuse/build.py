@@ -1,7 +1,7 @@
 """Build liburing and libfuse (with io_uring) into .cache/libfuse, and our
 block export server against them.
 
-    python -m harness.libfuse.build [--source DIR]
+    python -m harness.iotests.libfuse.build [--source DIR]
 
 Debian's binary fuse3 is built without io_uring (its build-deps lack
 liburing), so both come from source packages, fetched with a private apt
@@ -21,9 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli import OneLineParser
-from ..iotests.lifecycle import REPO
-from ..iotests.vm.apt import AptError, PrivateApt
+from ...cli import OneLineParser
+from ..lifecycle import REPO
+from ..vm.apt import AptError, PrivateApt
 
 CACHE = REPO / ".cache" / "libfuse"
 SERVER = Path(__file__).with_name("blkexport.c")

@@ -1,6 +1,6 @@
 """libfuse 3.18 (with its FUSE-over-io_uring transport) serving one image.
 
-The server is ours (harness/libfuse/blkexport.c, on libfuse's low-level
+The server is ours (harness/iotests/libfuse/blkexport.c, on libfuse's low-level
 API, QEMU's export semantics); every transport detail is libfuse's:
 /dev/fuse or `-o io_uring`, clone fds for queues, INIT, teardown.  It is
 built with `tools/libfuse build` into .cache/libfuse/prefix, or another
@@ -16,9 +16,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from ...libfuse.build import default_prefix, server_path
 from ...options import Settings
 from .. import runs
+from ..libfuse.build import default_prefix, server_path
 from ..lifecycle import REPO, ExporterProcess, child_env
 from . import Target, TargetError
 
