@@ -3,7 +3,7 @@
     tools/bench [--repeat N] [--runtime S] [--cells A,B] [--queues N]
                 [--startup N] [--no-qsd] [--json FILE] [--plot FILE.png|svg]
 
-Every exporter (our classic and io_uring transports, QSD 7.2, QSD 11.1 with
+Every exporter (our classic and io_uring transports, libfuse's two, QSD 7.2, QSD 11.1 with
 one and with N iothreads) is mounted for the whole run.  Each repetition runs
 every cell on every exporter, the exporters' order rotating between
 repetitions, so machine noise hits all alike; io_uring/classic is taken per
@@ -272,6 +272,19 @@ def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) 
     return report
 
 
+def compared(mine: str, other: str) -> bool:
+    """Which ratios a report has: io_uring against every other row; the
+    other io_uring rows against the rows that are not io_uring or libfuse;
+    libfuse's io_uring against every row but our io_uring variants."""
+    if other == mine:
+        return False
+    if mine == "io_uring":
+        return True
+    if mine == "libfuse-io_uring":
+        return other == "io_uring" or not other.startswith("io_uring")
+    return not other.startswith(("io_uring", "libfuse"))
+
+
 def build_report(
     ns: argparse.Namespace,
     cells: list[Cell],
@@ -306,16 +319,10 @@ def build_report(
             out[c.name] = {**Spread.of(r).as_dict(), "values": r}
         return out
 
-    # io_uring against every other row; the other io_uring rows against the
-    # rows that are not io_uring.
     ratios_of = {
-        mine: {
-            other: ratios(mine, other)
-            for other in labels
-            if other != mine and (mine == "io_uring" or not other.startswith("io_uring"))
-        }
+        mine: {other: ratios(mine, other) for other in labels if compared(mine, other)}
         for mine in labels
-        if mine.startswith("io_uring")
+        if mine.startswith(("io_uring", "libfuse-io_uring"))
     }
     versus = ratios_of.get("io_uring", {})
     report: dict[str, Any] = {

@@ -52,8 +52,9 @@ def _short(version: str) -> str:
 
 def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerSet:
     """Our two transports with `queues` queues (io_uring in processes, in
-    threads, and in threads with shared ring queues); then QSD 7.2 (one
-    queue, its only mode) and QSD 11.1 with one and with `mq` iothreads."""
+    threads, and in threads with shared ring queues); libfuse's two (when
+    built); then QSD 7.2 (one queue, its only mode) and QSD 11.1 with one
+    and with `mq` iothreads."""
     out = PeerSet()
     reference = resolve("reference")
     classic = _base(queues)
@@ -77,6 +78,7 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
             out.peers.append(
                 Peer("io_uring-shared", reference, shared, "io-uring", queues, variant=True)
             )
+    _libfuse(out, queues, uring_problem)
     if not qsd:
         return out
     # allow-other off: QSD's default (auto) would try it and need fuse.conf.
@@ -97,3 +99,20 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
             else:
                 out.peers.append(Peer(f"{label}-mq{mq}", t, multi, "dev-fuse", mq))
     return out
+
+
+def _libfuse(out: PeerSet, queues: int, uring_problem: str | None) -> None:
+    """libfuse over /dev/fuse (`queues` threads on cloned fds) and over its
+    ring (one ring thread per CPU, whatever `queues`)."""
+    try:
+        t = resolve("libfuse")
+    except TargetError as e:
+        out.skipped.append(f"libfuse: {e}")
+        return
+    classic = _base(queues)
+    out.peers.append(Peer("libfuse-classic", t, classic, "dev-fuse", queues))
+    if uring_problem:
+        out.skipped.append(f"libfuse-io_uring: {uring_problem}")
+    else:
+        uring = classic.with_({"io-uring": "on"})
+        out.peers.append(Peer("libfuse-io_uring", t, uring, "io-uring", queues))
