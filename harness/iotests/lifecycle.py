@@ -370,21 +370,22 @@ class Tracker:
         return found
 
 
+def fd_links(pid: int | str) -> list[str]:
+    """What the process's fds point to ('/dev/fuse', 'anon_inode:[io_uring]');
+    empty when it is gone."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    links = []
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return links
+
+
 def _dev_fuse_holders() -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
-                    pids.append(int(pid))
-                    break
-            except OSError:
-                continue
-    return pids
+    return [int(p) for p in filter(str.isdigit, os.listdir("/proc")) if "/dev/fuse" in fd_links(p)]
 
 
 def _is_descendant(pid: int, ancestor: int) -> bool:

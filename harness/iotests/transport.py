@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .lifecycle import fd_links
+
 PROBES = 32
 # Bytes the probes' replies write over /dev/fuse, at least (out header 16 +
 # attr_out 104 per reply), and the share of it that still counts as
@@ -56,18 +58,7 @@ def written(pids: Iterable[int]) -> int:
 
 def uring_fds(pids: Iterable[int]) -> int:
     """io_uring instances the processes hold."""
-    n = 0
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]"
-            except OSError:
-                continue
-    return n
+    return sum(fd_links(pid).count("anon_inode:[io_uring]") for pid in pids)
 
 
 class TransportError(RuntimeError):
