@@ -22,6 +22,7 @@ from harness.iotests.lifecycle import REPO, child_env
 from harness.iotests.runner import target_problem
 from harness.iotests.spec import load_spec
 from harness.iotests.targets import Target, libfuse, resolve
+from harness.iotests.targets.qsd import FETCHED
 
 LIBFUSE = default_prefix() / "bin" / "fuse-iotests-blk"
 
@@ -86,6 +87,16 @@ def test_check_sees_the_reference_on_dev_fuse(exports: Exports) -> None:
     exp = exports.start(io_uring="off")
     reason = transport.served_over_dev_fuse(exp.pids(), exp.mountpoint)
     assert reason == "asked for FUSE-over-io_uring but serves over /dev/fuse (no io_uring fd)"
+
+
+@pytest.mark.skipif(not FETCHED.exists(), reason="QSD 11.1 not fetched (tools/qsd fetch)")
+def test_check_is_not_fooled_by_rings_that_serve_something_else(exports: Exports) -> None:
+    """QSD 11.1 runs its event loop on io_uring (5 rings here) but serves
+    FUSE over /dev/fuse: what its processes write decides, not its fds."""
+    exp = exports.start(target=resolve("qsd-11.1"), queues=2)
+    assert transport.uring_fds(exp.pids()) > 0
+    reason = transport.served_over_dev_fuse(exp.pids(), exp.mountpoint)
+    assert reason is not None and "32 GETATTR replies: the exporter wrote" in reason
 
 
 def check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
