@@ -21,6 +21,7 @@
 #include <fuse_lowlevel.h>
 #include <getopt.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,7 +41,7 @@ struct export {
     uid_t uid;
     gid_t gid;
     struct timespec start;
-    pthread_mutex_t lock;
+    pthread_mutex_t lock; /* size changes, mode, uid, gid */
     int failed; /* set by the INIT handler: stop, status 1 */
 };
 
@@ -63,10 +64,12 @@ static void fill_attr(struct stat *st)
 
     memset(st, 0, sizeof(*st));
     st->st_ino = FUSE_ROOT_ID;
+    pthread_mutex_lock(&exp.lock); /* a SETATTR may run on another thread */
     st->st_mode = exp.mode;
-    st->st_nlink = 1;
     st->st_uid = exp.uid;
     st->st_gid = exp.gid;
+    pthread_mutex_unlock(&exp.lock);
+    st->st_nlink = 1;
     st->st_size = cur_size();
     st->st_blksize = 512;
     if (exp.fd >= 0 && fstat(exp.fd, &img) == 0) {
@@ -199,6 +202,7 @@ static void blk_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int v
         set_size(attr->st_size);
         pthread_mutex_unlock(&exp.lock);
     }
+    pthread_mutex_lock(&exp.lock);
     if (to_set & FUSE_SET_ATTR_MODE) {
         exp.mode = S_IFREG | (attr->st_mode & 07777);
     }
@@ -208,6 +212,7 @@ static void blk_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int v
     if (to_set & FUSE_SET_ATTR_GID) {
         exp.gid = attr->st_gid;
     }
+    pthread_mutex_unlock(&exp.lock);
     reply_attr(req);
 }
 
@@ -394,9 +399,14 @@ static const struct fuse_lowlevel_ops ops = {
     /* No statfs: libfuse's default answer is QEMU's (512-byte blocks). */
 };
 
-static int fail(const char *fmt, const char *arg, const char *why)
+/* A start-up error: one line on stderr, status 1. */
+static int __attribute__((format(printf, 1, 2))) fail(const char *fmt, ...)
 {
-    fprintf(stderr, fmt, arg, why);
+    va_list ap;
+
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
     fputc('\n', stderr);
     return 1;
 }
@@ -488,13 +498,13 @@ int main(int argc, char **argv)
     }
     /* The mount table first: stat() on a FUSE mount asks its server. */
     if (fuse_mounted(mountpoint)) {
-        return fail("There already is a FUSE export on '%s'%s", mountpoint, "");
+        return fail("There already is a FUSE export on '%s'", mountpoint);
     }
     if (stat(mountpoint, &st) < 0) {
         return fail("Failed to stat '%s': %s", mountpoint, strerror(errno));
     }
     if (!S_ISREG(st.st_mode)) {
-        return fail("'%s' is not a regular file", mountpoint, "");
+        return fail("'%s' is not a regular file", mountpoint);
     }
     if (image) {
         struct stat img;
@@ -552,7 +562,7 @@ int main(int argc, char **argv)
         return 1;
     }
     if (fuse_session_mount(se, mountpoint) != 0) {
-        return fail("Failed to mount '%s'%s", mountpoint, "");
+        return fail("Failed to mount '%s'", mountpoint);
     }
     if (queues > 1) {
         struct fuse_loop_config *cfg = fuse_loop_cfg_create();
