@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ...kernel.params import ensure_uring, kernel_lock, read_enable_uring, restore_enable_uring
-from .. import fingerprint
+from .. import fingerprint, transport
 from ..check import Terminated, ignore_signals, terminate
 from ..lifecycle import TRACKER, ExporterProcess, ExportFailed
 from ..runs import RUN, reap_stale
@@ -189,7 +189,12 @@ def _exports(peers: list[Peer], root: Path) -> Iterator[dict[str, ExporterProces
             workdir.mkdir()
             mp = workdir / "null.fuse"
             mp.touch()
-            live[p.label] = p.target.exporter(workdir, mp, None, p.settings).start()
+            live[p.label] = exp = p.target.exporter(workdir, mp, None, p.settings).start()
+            if p.transport == "io-uring":  # an io_uring row must not time /dev/fuse
+                try:
+                    transport.check(exp.pids(), mp)
+                except transport.TransportError as e:
+                    raise BenchError(f"{p.label}: {e}") from None
         yield live
         for exp in live.values():
             exp.stop()
