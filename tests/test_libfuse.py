@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from harness.iotests import transport
-from harness.iotests.bench.main import compared
 from harness.iotests.diff import Agreement
 from harness.iotests.fixtures import Exports
 from harness.iotests.libfuse.build import build, default_prefix
@@ -171,13 +170,3 @@ def test_three_targets_print_who_agrees(tmp_path: Path) -> None:
     assert "Disagreements: 1 one against the rest (qsd-" in out
     assert "export-del[legacy]" in out and "not run on libfuse-" in out
     assert "No unlisted differences" in out
-
-
-def test_bench_compares_libfuse_io_uring_with_every_row_but_our_variants() -> None:
-    rows = ["classic", "io_uring", "io_uring-threads", "libfuse-classic", "libfuse-io_uring",
-            "qsd-7.2", "qsd-11.1"]  # fmt: skip
-    mine = [o for o in rows if compared("libfuse-io_uring", o)]
-    assert mine == ["classic", "io_uring", "libfuse-classic", "qsd-7.2", "qsd-11.1"]
-    assert [o for o in rows if compared("io_uring", o)] == [r for r in rows if r != "io_uring"]
-    threads = [o for o in rows if compared("io_uring-threads", o)]
-    assert threads == ["classic", "qsd-7.2", "qsd-11.1"]

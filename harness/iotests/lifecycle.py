@@ -67,14 +67,14 @@ class ExporterProcess:
         self.mount_id: int | None = None
         self._qmp: Any = None
         self._qmp_lock = threading.Lock()
+        # Asked for FUSE-over-io_uring (io-uring on): checked once it is up.
+        self.wants_ring = False
         self._cleaned = False
         # spawn() and cleanup() exclude each other: a cleanup from another
         # thread (Ctrl-C, a timeout) must see the process spawn() started.
         self._spawning = threading.Lock()
         # A mount already on the mountpoint is never ours to remove.
         self._mount_before: int | None = None
-        # Asked for FUSE-over-io_uring (io-uring on): checked once it is up.
-        self.wants_ring = False
 
     def command(self) -> list[str]:
         raise NotImplementedError

@@ -277,19 +277,6 @@ def _run(ns: argparse.Namespace, cells: list[Cell], peers: PeerSet, root: Path) 
     return report
 
 
-def compared(mine: str, other: str) -> bool:
-    """Which ratios a report has: io_uring against every other row; the
-    other io_uring rows against the rows that are not io_uring or libfuse;
-    libfuse's io_uring against every row but our io_uring variants."""
-    if other == mine:
-        return False
-    if mine == "io_uring":
-        return True
-    if mine == "libfuse-io_uring":
-        return other == "io_uring" or not other.startswith("io_uring")
-    return not other.startswith(("io_uring", "libfuse"))
-
-
 def build_report(
     ns: argparse.Namespace,
     cells: list[Cell],
@@ -324,10 +311,17 @@ def build_report(
             out[c.name] = {**Spread.of(r).as_dict(), "values": r}
         return out
 
+    # io_uring against every other row; every other io_uring row (ours in
+    # threads, QEMU's) against the rows that are not io_uring and ours.
+    uring = {p.label for p in peers.peers if p.transport == "io-uring"}
     ratios_of = {
-        mine: {other: ratios(mine, other) for other in labels if compared(mine, other)}
+        mine: {
+            other: ratios(mine, other)
+            for other in labels
+            if other != mine and (mine == "io_uring" or other not in uring or other == "io_uring")
+        }
         for mine in labels
-        if mine.startswith(("io_uring", "libfuse-io_uring"))
+        if mine in uring
     }
     versus = ratios_of.get("io_uring", {})
     report: dict[str, Any] = {

@@ -52,9 +52,8 @@ def _short(version: str) -> str:
 
 def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerSet:
     """Our two transports with `queues` queues (io_uring in processes, in
-    threads, and in threads with shared ring queues); libfuse's two (when
-    built); then QSD 7.2 (one queue, its only mode) and QSD 11.1 with one
-    and with `mq` iothreads."""
+    threads, and in threads with shared ring queues); then QSD 7.2 (one
+    queue, its only mode) and QSD 11.1 with one and with `mq` iothreads."""
     out = PeerSet()
     reference = resolve("reference")
     classic = _base(queues)
@@ -102,8 +101,8 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
 
 
 def _libfuse(out: PeerSet, queues: int, uring_problem: str | None) -> None:
-    """libfuse over /dev/fuse (`queues` threads on cloned fds) and over its
-    ring (one ring thread per CPU, whatever `queues`)."""
+    """Rows after ours, when built: libfuse over /dev/fuse (`queues`
+    threads on cloned fds) and over its ring (a ring thread per CPU)."""
     try:
         t = resolve("libfuse")
     except TargetError as e:

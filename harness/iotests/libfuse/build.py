@@ -28,8 +28,10 @@ from ..vm.apt import AptError, PrivateApt
 CACHE = REPO / ".cache" / "libfuse"
 SERVER = Path(__file__).with_name("blkexport.c")
 SERVER_NAME = "fuse-iotests-blk"
-# Source packages: the only libfuse with the io_uring transport Debian has.
-PACKAGES = {"liburing": "liburing", "libfuse": "fuse3"}
+# Source packages (name, version): the only libfuse with the io_uring
+# transport Debian has, and the liburing it needs; pinned, as the archive
+# serves no other versions of them.
+PACKAGES = {"liburing": ("liburing", "2.15-1"), "libfuse": ("fuse3", "3.18.3-1")}
 SUITES = ("sid",)
 LISTS_MAX_AGE = 24 * 3600.0
 BUILD_BOUND = 900.0  # one configure or compile step
@@ -72,15 +74,18 @@ def _host_packages() -> None:
     _run(["apt-get", "install", "-y", "-qq", *need], Path("/"), env)
 
 
-def _fetch(apt: PrivateApt, package: str, dest: Path) -> Path:
+def _fetch(apt: PrivateApt, package: tuple[str, str], dest: Path) -> Path:
     """The unpacked source tree of a source package (fetched once)."""
-    trees = [d for d in dest.glob(f"{package}-*") if d.is_dir()]
-    if not trees:
-        apt.source(package, dest)
-        trees = [d for d in dest.glob(f"{package}-*") if d.is_dir()]
-    if len(trees) != 1:
-        raise BuildError(f"source package {package}: expected one tree in {dest}, got {trees}")
-    return trees[0]
+    name, version = package
+    tree = dest / f"{name}-{version.split('-')[0]}"
+    if not tree.is_dir():
+        files = apt.source(name, version, dest / "dl")
+        dsc = [f for f in files if f.name == f"{name}_{version}.dsc"]
+        if len(dsc) != 1:
+            raise BuildError(f"source package {name}={version}: no .dsc among {files}")
+        # apt checked the files against the signed Sources index already.
+        _run(["dpkg-source", "--no-check", "-x", str(dsc[0]), str(tree)], dest)
+    return tree
 
 
 def _pkg_env(prefix: Path) -> dict[str, str]:

@@ -192,10 +192,25 @@ class PrivateApt:
                 versions[name] = line.split()[1]
         return {n: v for n, v in versions.items() if v != "(none)"}
 
-    def source(self, spec: str, dest: Path) -> None:
-        """Download a source package (name=version) into dest, unpacked."""
+    def depends(self, name: str) -> list[str]:
+        """The Depends closure of a package as apt resolves it (real package
+        names only: no <virtual> ones), sorted."""
+        out = self._run(
+            ["apt-cache", *self._options(), "depends", "--recurse", "--no-recommends",
+             "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
+             "--no-enhances", name]
+        )  # fmt: skip
+        return sorted({ln for ln in out.splitlines() if ln and ln[0] not in " <"})
+
+    def source(self, name: str, version: str, dest: Path) -> list[Path]:
+        """The files of source package name=version (.dsc, tarballs), checked
+        against the signed Sources index, into dest."""
         dest.mkdir(parents=True, exist_ok=True)
-        self._run(["apt-get", *self._options(), "-qq", "source", spec], cwd=dest)
+        self._run(
+            ["apt-get", *self._options(), "-qq", "source", "--download-only", f"{name}={version}"],
+            cwd=dest,
+        )
+        return sorted(p for p in dest.iterdir() if p.is_file())
 
     def download(self, names: list[str], dest: Path) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)
