@@ -176,9 +176,9 @@ class Session:
         work.mkdir()
         image = None if settings["null-size"] is not None else self.image
         exp = self.export_target.exporter(work, self.target, image, settings)
-        exp.wants_ring = settings["io-uring"] == "on"
         self.ctx.defer(exp.cleanup, f"exporter {work.name}")
         self.ctx.diagnose(exp.report)
+        exp.wants_ring = settings["io-uring"] == "on"
         return exp
 
     def start_export(self) -> None:
