@@ -44,9 +44,9 @@ def with_io_uring(schema: list[dict]) -> list[dict]:
 
 
 def test_capabilities_come_from_the_schema() -> None:
-    assert capabilities(recorded("7.2.22")) == frozenset()
-    assert capabilities(recorded("11.1.3")) == {"multi-queue"}
-    assert capabilities(with_io_uring(recorded("11.1.3"))) == {"multi-queue", "io-uring"}
+    assert capabilities(recorded("7.2.22")) == {"qmp"}
+    assert capabilities(recorded("11.1.3")) == {"qmp", "multi-queue"}
+    assert capabilities(with_io_uring(recorded("11.1.3"))) == {"qmp", "multi-queue", "io-uring"}
     assert capabilities([]) == frozenset()  # no block-export-add at all
 
 
@@ -60,6 +60,9 @@ def test_a_schema_with_io_uring_adds_the_export_with_it(tmp_path: Path) -> None:
     assert "io-uring" not in export_arguments(CASE_DEFAULTS, tmp_path / "mp")
     plain = Target("qsd", "11.1.3", capabilities(recorded("11.1.3")), qsd.OPTIONS)
     assert plain.settings_problem(uring) == "target qsd-11.1.3 has no FUSE-over-io_uring"
+
+
+QMP_ONLY = frozenset({"qmp"})  # QSD 7.2: a monitor, nothing else
 
 
 @pytest.mark.parametrize(
@@ -79,7 +82,7 @@ def test_what_a_target_cannot_run_is_decided_from_the_spec(
     spec = load_spec(next(CASES.glob(f"{case}.*")))
     inst = next(i for i in spec.instances() if i.transport == via).on("qsd")
     assert (
-        target_problem(spec, spec.plan(inst), Target("qsd", "7.2.22", frozenset(), qsd.OPTIONS))
+        target_problem(spec, spec.plan(inst), Target("qsd", "7.2.22", QMP_ONLY, qsd.OPTIONS))
         == reason
     )
 
@@ -250,7 +253,7 @@ def test_qsd_target_is_detected_from_its_schema() -> None:
 def test_fetched_qsd_has_multi_queue_but_no_io_uring() -> None:
     t = qsd.detect("qsd-11.1", "/ignored/for/qsd-11.1")
     assert t.binary == str(FETCHED)
-    assert t.version.startswith("11.1.") and t.capabilities == {"multi-queue"}
+    assert t.version.startswith("11.1.") and t.capabilities == {"qmp", "multi-queue"}
 
 
 def test_reference_processes_puts_io_uring_queues_in_processes(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """tools/check: run case instances the way qemu-iotests' ./check does.
 
     tools/check [-fuse|-file] [-g GROUPS] [-x GROUPS] [-n] [-d] [-j N] [--regen]
-                [--target NAME] [--qsd PATH] [--diff-targets A,B]
+                [--target NAME] [--qsd PATH] [--diff-targets A,B[,C...]]
                 [--timeout-scale F] [--kernel K | --kernels K1,K2] [--accel A]
                 [--repro INSTANCE] [--cleanup] [CASE...]
 
@@ -9,7 +9,7 @@
 /dev/fuse transport, or on FUSE-over-io_uring with FUSE_OVER_IO_URING=1.
 -file runs the generic I/O cases directly on the image, as a baseline.
 --target picks the export implementation (also FUSE_IOTESTS_TARGET);
---diff-targets runs every instance on two targets and compares them.
+--diff-targets runs every instance on two or more targets and compares them.
 --kernel runs the same in a VM booted with another kernel (harness/iotests/vm).
 """
 
@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qsd", metavar="PATH", help="the qemu-storage-daemon for target qsd")
     p.add_argument(
         "--diff-targets",
-        metavar="A,B",
-        help="run each instance on targets A and B and compare their transcripts",
+        metavar="A,B[,C...]",
+        help="run each instance on targets A, B (C ...) and compare their transcripts",
     )
     p.add_argument(
         "--kernel",
@@ -136,9 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if ns.kernels is not None and not all(ns.kernels.split(",")):
         p.error("--kernels takes kernels separated by commas: 6.1,7.3")
     if ns.diff_targets is not None:
-        pair = ns.diff_targets.split(",")
-        if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
-            p.error("--diff-targets takes two different targets: A,B")
+        names = ns.diff_targets.split(",")
+        if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+            p.error("--diff-targets takes two or more different targets: A,B[,C...]")
         if ns.regen:
             p.error("--regen does not go with --diff-targets")
     return ns
@@ -317,7 +317,7 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
         _remove_empty(scratch)
     status = _summary(flat, len(chosen) * len(chosen_targets))
     if ns.diff_targets:
-        return diff_targets(done[0], done[1], chosen_targets, sys.stdout) or status
+        return diff_targets(done, chosen_targets, sys.stdout) or status
     return status
 
 

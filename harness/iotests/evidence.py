@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .waiting import is_descendant, kernel_stacks
+from .waiting import fd_links, is_descendant, kernel_stacks
 
 GDB_BOUND = 30.0  # attach, read the symbols of a debug build, walk every thread
 
@@ -57,11 +57,7 @@ def clients(mountpoint: str, exclude: set[int]) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) in exclude:
             continue
         pid = entry.name
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            holds = any(os.readlink(f"/proc/{pid}/fd/{fd}") == mountpoint for fd in fds)
-        except OSError:
-            continue
+        holds = mountpoint in fd_links(pid)
         if holds or (_state(pid)[1] == "D" and is_descendant(int(pid), os.getpid())):
             found.append(int(pid))
     return sorted(found)

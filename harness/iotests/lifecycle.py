@@ -33,7 +33,7 @@ from .cleanup import Outcome, run_all
 from .evidence import hang_report
 from .runs import RUN
 from .timeouts import scaled
-from .waiting import is_descendant, kernel_stacks, wait_until
+from .waiting import fd_links, is_descendant, kernel_stacks, wait_until
 
 # Outside a case's budget (cleanup, the harness's own tests); all scaled.
 START_TIMEOUT = 10.0
@@ -71,6 +71,8 @@ class ExporterProcess:
         self.mount_id: int | None = None
         self._qmp: Any = None
         self._qmp_lock = threading.Lock()
+        # Asked for FUSE-over-io_uring (io-uring on): checked once it is up.
+        self.wants_ring = False
         self._cleaned = False
         # spawn() and cleanup() exclude each other: a cleanup from another
         # thread (Ctrl-C, a timeout) must see the process spawn() started.
@@ -396,20 +398,7 @@ class Tracker:
 
 
 def _dev_fuse_holders() -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
-                    pids.append(int(pid))
-                    break
-            except OSError:
-                continue
-    return pids
+    return [int(p) for p in filter(str.isdigit, os.listdir("/proc")) if "/dev/fuse" in fd_links(p)]
 
 
 TRACKER = Tracker()

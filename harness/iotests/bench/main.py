@@ -3,7 +3,7 @@
     tools/bench [--repeat N] [--runtime S] [--cells A,B] [--queues N]
                 [--startup N] [--no-qsd] [--json FILE] [--plot FILE.png|svg]
 
-Every exporter (our classic and io_uring transports, QSD 7.2, QSD 11.1 with
+Every exporter (our classic and io_uring transports, libfuse's two, QSD 7.2, QSD 11.1 with
 one and with N iothreads) is mounted for the whole run.  Each repetition runs
 every cell on every exporter, the exporters' order rotating between
 repetitions, so machine noise hits all alike; io_uring/classic is taken per
@@ -30,7 +30,7 @@ from typing import Any
 
 from ...cli import run_tool
 from ...kernel.params import ensure_uring, kernel_lock, read_enable_uring, restore_enable_uring
-from .. import fingerprint
+from .. import fingerprint, transport
 from ..check import Terminated, ignore_signals, terminate
 from ..lifecycle import TRACKER, ExporterProcess, ExportFailed
 from ..runs import RUN, reap_stale
@@ -196,7 +196,12 @@ def _exports(peers: list[Peer], root: Path) -> Iterator[dict[str, ExporterProces
             workdir.mkdir()
             mp = workdir / "null.fuse"
             mp.touch()
-            live[p.label] = p.target.exporter(workdir, mp, None, p.settings).start()
+            live[p.label] = exp = p.target.exporter(workdir, mp, None, p.settings).start()
+            if p.transport == "io-uring":  # an io_uring row must not time /dev/fuse
+                try:
+                    transport.check(exp.pids(), mp)
+                except transport.TransportError as e:
+                    raise BenchError(f"{p.label}: {e}") from None
         yield live
         for exp in live.values():
             exp.stop()

@@ -78,6 +78,7 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
             out.peers.append(
                 Peer("io_uring-shared", reference, shared, "io-uring", queues, variant=True)
             )
+    _libfuse(out, queues, uring_problem)
     if not qsd:
         return out
     # allow-other off: QSD's default (auto) would try it and need fuse.conf.
@@ -106,3 +107,20 @@ def collect(queues: int, uring_problem: str | None, qsd: bool, mq: int) -> PeerS
                 else:
                     out.peers.append(Peer(f"{row}-mq{mq}", t, multi, transport, mq))
     return out
+
+
+def _libfuse(out: PeerSet, queues: int, uring_problem: str | None) -> None:
+    """Rows after ours, when built: libfuse over /dev/fuse (`queues`
+    threads on cloned fds) and over its ring (a ring thread per CPU)."""
+    try:
+        t = resolve("libfuse")
+    except TargetError as e:
+        out.skipped.append(f"libfuse: {e}")
+        return
+    classic = _base(queues)
+    out.peers.append(Peer("libfuse-classic", t, classic, "dev-fuse", queues))
+    if uring_problem:
+        out.skipped.append(f"libfuse-io_uring: {uring_problem}")
+    else:
+        uring = classic.with_({"io-uring": "on"})
+        out.peers.append(Peer("libfuse-io_uring", t, uring, "io-uring", queues))

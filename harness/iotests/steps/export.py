@@ -49,7 +49,12 @@ def _wait_exit(s: Session, _: None) -> None:
         s.log(f"exporter exited with status {code}")
 
 
-@step("qmp", {"execute": (text, True), "arguments": (mapping, False)}, export=True)
+@step(
+    "qmp",
+    {"execute": (text, True), "arguments": (mapping, False)},
+    export=True,
+    needs=("qmp",),
+)
 def _qmp(s: Session, a: dict[str, Any]) -> None:
     """Send a command on the control socket; print the response as iotests does."""
     resp = s.need_exporter().cmd_raw(a["execute"], a.get("arguments"))
@@ -57,7 +62,7 @@ def _qmp(s: Session, a: dict[str, Any]) -> None:
     s.log(json.dumps(resp, sort_keys=True))
 
 
-@step("qmp-event", scalar=text, export=True, metavar="EVENT")
+@step("qmp-event", scalar=text, export=True, metavar="EVENT", needs=("qmp",))
 def _qmp_event(s: Session, name: str) -> None:
     """Wait (bounded) for a QMP event; print it without its timestamp, or that none came."""
     exp = s.need_exporter()

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from ...options import Settings
 from ...patterns import offset_pattern, pattern_bytes
-from .. import runs
+from .. import runs, transport
 from ..client import ClientPool
 from ..context import CaseContext
 from ..filters import FilterEnv
@@ -184,6 +184,7 @@ class Session:
             lambda: exp.cleanup(kill=self.ctx.gave_up), f"exporter {work.name}", target=True
         )
         self.ctx.diagnose(exp.report)
+        exp.wants_ring = settings["io-uring"] == "on"
         return exp
 
     def start_export(self) -> None:
@@ -191,14 +192,19 @@ class Session:
         self.exporter = self.launch(self.new_exporter(self.settings))
 
     def launch(self, exp: ExporterProcess) -> ExporterProcess:
-        """Start an exporter with the case thread's own CPUs, not a `pin`."""
+        """Start an exporter with the case thread's own CPUs, not a `pin`;
+        one asked for io_uring must really serve on the ring."""
         if self.cpu is None or self.unpinned is None:
-            return exp.start(self.bound())
-        os.sched_setaffinity(0, self.unpinned)
-        try:
-            return exp.start(self.bound())
-        finally:
-            os.sched_setaffinity(0, {self.cpu})
+            exp.start(self.bound())
+        else:
+            os.sched_setaffinity(0, self.unpinned)
+            try:
+                exp.start(self.bound())
+            finally:
+                os.sched_setaffinity(0, {self.cpu})
+        if exp.wants_ring:
+            transport.check(exp.pids(), exp.mountpoint)
+        return exp
 
     def need_exporter(self) -> ExporterProcess:
         if self.exporter is None:

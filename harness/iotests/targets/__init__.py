@@ -31,6 +31,7 @@ CAPABILITIES = {
     "introspection": "export introspection (negotiation, queues and ring layout in "
     "query-block-exports)",
     "exporter-log": "the reference exporter's log lines",
+    "qmp": "QMP monitor (block-export-del, quit, events)",
     "io-uring": "FUSE-over-io_uring",
     "multi-queue": "multi-queue exports",
 }

@@ -174,7 +174,7 @@ def capabilities(schema: list[dict[str, Any]]) -> frozenset[str]:
     if cmd is None:
         return frozenset()
     args = types[cmd["arg-type"]]
-    caps = set()
+    caps = {"qmp"}
     for m in args.get("members", []):
         if m["name"] == "iothread" and types.get(m["type"], {}).get("meta-type") == "alternate":
             caps.add("multi-queue")  # str or [str]: one FUSE queue per iothread
