@@ -103,6 +103,24 @@ class Target:
         }
 
 
+class NativeExporter(ExporterProcess):
+    """The process of a target other than ours (QSD, the libfuse server):
+    started for one image (None: the export is of null-co) and the option
+    table's settings.  Native servers carry debug info: a hang report walks
+    their threads with gdb."""
+
+    backtraces = True
+
+    def __init__(
+        self, target: Target, workdir: Path, mountpoint: Path, image: Path | None,
+        settings: Settings,
+    ) -> None:  # fmt: skip
+        super().__init__(workdir, mountpoint)
+        self.target = target
+        self.image = image
+        self.settings = settings
+
+
 def _modules() -> list[ModuleType]:
     return [
         importlib.import_module(f"{__name__}.{m.name}")

@@ -20,7 +20,7 @@ from ...options import Settings
 from .. import runs
 from ..libfuse.build import default_prefix, server_path
 from ..lifecycle import REPO, ExporterProcess, child_env
-from . import Target, TargetError
+from . import NativeExporter, Target, TargetError
 
 NAMES = ("libfuse",)
 FSTYPE = "fuse.fuse-iotests-libfuse"  # blkexport.c's subtype
@@ -35,22 +35,8 @@ LIBFUSE_ENV = ("FUSE_URING_ENABLE", "FUSE_URING_QUEUE_DEPTH")
 URING_MARK = b"fuse-ring-%d"
 
 
-class LibfuseExporter(ExporterProcess):
+class LibfuseExporter(NativeExporter):
     fstype = FSTYPE
-    backtraces = True  # a native server: gdb shows where its threads wait
-
-    def __init__(
-        self,
-        target: Libfuse,
-        workdir: Path,
-        mountpoint: Path,
-        image: Path | None,
-        settings: Settings,
-    ) -> None:
-        super().__init__(workdir, mountpoint)
-        self.target = target
-        self.image = image
-        self.settings = settings
 
     def command(self) -> list[str]:
         image = [] if self.image is None else ["--image", str(self.image)]

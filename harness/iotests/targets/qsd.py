@@ -27,7 +27,7 @@ from ...options import Settings
 from ..lifecycle import ExporterProcess, ExportFailed
 from ..qsd import build, fetch, series
 from ..waiting import WaitTimeout
-from . import Target, TargetError
+from . import NativeExporter, Target, TargetError
 
 NAMES = ("qsd", "qsd-11.1", "qsd-series")
 FETCHED = fetch.WRAPPER
@@ -43,22 +43,8 @@ def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
     ]  # fmt: skip
 
 
-class QsdExporter(ExporterProcess):
+class QsdExporter(NativeExporter):
     fstype = "fuse"  # libfuse's plain type: ownership is by mount id
-    backtraces = True
-
-    def __init__(
-        self,
-        target: Qsd,
-        workdir: Path,
-        mountpoint: Path,
-        image: Path | None,
-        settings: Settings,
-    ) -> None:
-        super().__init__(workdir, mountpoint)
-        self.target = target
-        self.image = image
-        self.settings = settings
 
     def command(self) -> list[str]:
         monitor = qmp_monitor_argv(self.target.binary, self.qmp_path)
