@@ -308,7 +308,8 @@ class ExporterProcess:
         with self._spawning:  # a spawn in progress finishes first
             self._cleaned = True
         # Before the kill (our SIGKILL is no crash), and reported once.
-        crashed, self._crash_reported = (self.crash() if not self._crash_reported else ""), True
+        crashed = "" if self._crash_reported else self.crash()
+        self._crash_reported = True
         outcome = run_all(
             [
                 ("stop the process", lambda: self._kill(kill)),
