@@ -176,6 +176,7 @@ class Session:
         work.mkdir()
         image = None if settings["null-size"] is not None else self.image
         exp = self.export_target.exporter(work, self.target, image, settings)
+        exp.wants_holds = "faults" in self.plan.needs
         self.ctx.defer(exp.cleanup, f"exporter {work.name}")
         self.ctx.diagnose(exp.report)
         return exp

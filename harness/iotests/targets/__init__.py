@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from ...options import OPTIONS, Settings
+from ..holds import Holds
 from ..lifecycle import ExporterProcess
 
 # What a target may be able to do beyond serving the mount, with the words
@@ -47,6 +48,9 @@ class Target:
     capabilities: frozenset[str]
     options: frozenset[str] = field(default_factory=lambda: frozenset(o.key for o in OPTIONS))
     binary: str = ""
+    # Which requests its fault steps can hold, and where they wait (with
+    # the capability "faults").
+    holds: Holds = field(default_factory=lambda: Holds("exporter"))
 
     @property
     def label(self) -> str:
@@ -68,6 +72,10 @@ class Target:
         """Why capabilities `needs` are not all here, or None."""
         missing = sorted(set(needs) - self.capabilities)
         return f"target {self.label} has no {CAPABILITIES[missing[0]]}" if missing else None
+
+    def holds_problem(self, ops: Iterable[str]) -> str | None:
+        """Why its fault steps cannot reach requests of these opcodes, or None."""
+        return self.holds.problem(self.label, ops)
 
     def settings_problem(self, settings: Settings) -> str | None:
         """Why this target cannot export with these settings, or None."""
@@ -93,6 +101,7 @@ class Target:
             "binary": self.binary,
             "capabilities": sorted(self.capabilities),
             "options": sorted(self.options),
+            "holds": self.holds.describe() if "faults" in self.capabilities else "",
         }
 
 

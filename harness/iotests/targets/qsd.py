@@ -21,6 +21,7 @@ from typing import Any
 
 from ...options import OPTIONS as TABLE
 from ...options import Settings
+from ..holds.blocklayer import HOLDS, BlockLayerHolds
 from ..lifecycle import REPO, ExporterProcess, ExportFailed
 from ..waiting import WaitTimeout
 from . import Target, TargetError
@@ -39,7 +40,7 @@ def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
     ]  # fmt: skip
 
 
-class QsdExporter(ExporterProcess):
+class QsdExporter(BlockLayerHolds):
     fstype = "fuse"  # libfuse's plain type: ownership is by mount id
 
     def __init__(
@@ -63,6 +64,8 @@ class QsdExporter(ExporterProcess):
         s = self.settings
         if s["null-size"] is not None:
             node = {"driver": "null-co", "size": s["null-size"], "read-zeroes": True}
+        elif self.wants_holds and self.image is not None:
+            node = self.hold_node(self.image)
         else:
             node = {"driver": "file", "filename": str(self.image)}
         self._setup("blockdev-add", {"node-name": "n0", **node})
@@ -118,7 +121,8 @@ def detect(name: str, binary: str | None) -> Target:
             f"target {name}: no qemu-storage-daemon ({path or 'not on PATH'}; set QSD=PATH)"
         )
     version, schema = query(path)
-    return Qsd("qsd", version, capabilities(schema), OPTIONS, binary=path)
+    caps = capabilities(schema) | {"faults"}  # block-layer holds (holds/blocklayer.py)
+    return Qsd("qsd", version, caps, OPTIONS, binary=path, holds=HOLDS)
 
 
 class _Monitor(ExporterProcess):
