@@ -224,7 +224,15 @@ def test_qsd_target_is_detected_from_its_schema() -> None:
     t = qsd.detect("qsd", None)
     assert (t.name, t.label, t.binary) == ("qsd", f"qsd-{t.version}", binary)
     assert version.startswith(f"qemu-storage-daemon version {t.version} ")
-    assert t.lacks({"faults"}) == f"target qsd-{t.version} has no fault injection"
+    # Fault steps reach its block layer through the harness's NBD server.
+    assert t.lacks({"faults"}) is None and t.holds.where == "block layer"
+    assert t.holds_problem({"READ", "WRITE", "FSYNC"}) is None
+    assert t.holds_problem({"GETATTR"}) == (
+        f"target qsd-{t.version} cannot hold GETATTR requests (block layer holds only)"
+    )
+    assert t.lacks({"introspection"}) == f"target qsd-{t.version} has no export introspection " + (
+        "(negotiation, queues and ring layout in query-block-exports)"
+    )
 
 
 @pytest.mark.usefixtures("fuse_root")
@@ -232,7 +240,7 @@ def test_qsd_target_is_detected_from_its_schema() -> None:
 def test_fetched_qsd_has_multi_queue_but_no_io_uring() -> None:
     t = qsd.detect("qsd-11.1", "/ignored/for/qsd-11.1")
     assert t.binary == str(FETCHED)
-    assert t.version.startswith("11.1.") and t.capabilities == {"multi-queue"}
+    assert t.version.startswith("11.1.") and t.capabilities == {"multi-queue", "faults"}
 
 
 def test_reference_processes_puts_io_uring_queues_in_processes(tmp_path: Path) -> None:
