@@ -84,6 +84,23 @@ def test_what_a_target_cannot_run_is_decided_from_the_spec(
     )
 
 
+@pytest.mark.parametrize(
+    ("depth", "reason"),
+    [
+        ("1", "target qsd-11.2.0 has no export option 'ring-depth' (always 64)"),
+        ("64", None),  # its own depth: runs, without the option
+    ],
+)
+def test_an_option_a_target_lacks_narrows_the_matrix_to_its_own_value(
+    depth: str, reason: str | None
+) -> None:
+    spec = load_spec(CASES / "layout-depth.yaml")
+    inst = next(i for i in spec.instances() if dict(i.params)["depth"] == int(depth)).on("qsd")
+    caps = capabilities(with_io_uring(recorded("11.1.3")))
+    target = Target("qsd", "11.2.0", caps, qsd.OPTIONS, fixed=qsd.FIXED)
+    assert target_problem(spec, spec.plan(inst), target) == reason
+
+
 def test_version_constraints_and_id_globs() -> None:
     assert known.version_matches("7.2.22", "7.2.*")
     assert not known.version_matches("11.1.3", "7.2.*")

@@ -51,6 +51,9 @@ class Target:
     # Which requests its fault steps can hold, and where they wait (with
     # the capability "faults").
     holds: Holds = field(default_factory=lambda: Holds("exporter"))
+    # Options it lacks but always has one value of: an instance asking for
+    # that value runs (without passing it), any other is not run.
+    fixed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -80,8 +83,12 @@ class Target:
     def settings_problem(self, settings: Settings) -> str | None:
         """Why this target cannot export with these settings, or None."""
         unknown = sorted(settings.explicit - self.options)
-        if unknown:
-            return f"target {self.label} has no export option '{unknown[0]}'"
+        for key in unknown:
+            if key not in self.fixed:
+                return f"target {self.label} has no export option '{key}'"
+            if settings[key] != self.fixed[key]:  # the matrix narrows to its own value
+                always = self.fixed[key]
+                return f"target {self.label} has no export option '{key}' (always {always})"
         if settings["queues"] > 1 and "multi-queue" not in self.capabilities:
             return self.lacks({"multi-queue"})
         if settings["io-uring"] != "off" and "io-uring" not in self.capabilities:

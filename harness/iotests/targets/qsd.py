@@ -30,6 +30,9 @@ NAMES = ("qsd", "qsd-11.1")
 FETCHED = REPO / ".cache" / "qsd-11.1" / "qemu-storage-daemon"
 # The export options QSD has: the table's rows with a qsd column.
 OPTIONS = frozenset(o.key for o in TABLE if o.qsd)
+# What it always does where it has no option: ring entries per ring queue
+# (FUSE_DEFAULT_RING_QUEUE_DEPTH in the FUSE-over-io_uring series).
+FIXED = {"ring-depth": 64}
 
 
 def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
@@ -122,7 +125,7 @@ def detect(name: str, binary: str | None) -> Target:
         )
     version, schema = query(path)
     caps = capabilities(schema) | {"faults"}  # block-layer holds (holds/blocklayer.py)
-    return Qsd("qsd", version, caps, OPTIONS, binary=path, holds=HOLDS)
+    return Qsd("qsd", version, caps, OPTIONS, binary=path, holds=HOLDS, fixed=FIXED)
 
 
 class _Monitor(ExporterProcess):
