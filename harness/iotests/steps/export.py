@@ -226,38 +226,44 @@ def _mountpoint(s: Session, kind: str) -> None:
     "show",
     {"what": (choice(*SHOW), True), "ops": (ops, False), "qids": (qid_list, False)},
     export=True,
-    needs=("introspection",),
 )
 def _show(s: Session, a: dict[str, Any]) -> None:
-    """Print the export's negotiation, ring layout, per-queue counters or size/flags."""
-    info = s.need_exporter().query()
+    """Print the reference exporter's own report: negotiation, layout, counters (reference-only)."""
+    exp = s.need_exporter()
+    if s.export_target is None or "introspection" not in s.export_target.capabilities:
+        return  # compared without these lines; `observe` shows what the kernel sees
+    info = exp.query()
     what = a["what"]
+
+    def log(line: str) -> None:
+        s.log(REFERENCE_ONLY + line)
+
     if what == "negotiation":
         n = info["negotiation"]
-        s.log(f"kernel: protocol {n['kernel-major']}.{n['kernel-minor']}")
-        s.log(f"kernel offers: {' '.join(n['offered-names'])}")
-        s.log(f"reply: protocol 7.{n['minor']} {' '.join(n['replied-names'])}")
-        s.log(f"max_write={n['max-write']} max_pages={n['max-pages']}")
-        s.log(f"payload-size={info['payload-size']} transport={info['transport']}")
+        log(f"kernel: protocol {n['kernel-major']}.{n['kernel-minor']}")
+        log(f"kernel offers: {' '.join(n['offered-names'])}")
+        log(f"reply: protocol 7.{n['minor']} {' '.join(n['replied-names'])}")
+        log(f"max_write={n['max-write']} max_pages={n['max-pages']}")
+        log(f"payload-size={info['payload-size']} transport={info['transport']}")
     elif what == "layout":
-        s.log(f"cpus={info.get('possible-cpus', 0)} queues={len(info['queues'])}")
+        log(f"cpus={info.get('possible-cpus', 0)} queues={len(info['queues'])}")
         layout = info.get("ring-layout", [])
         if "qids" in a:  # just these ring queues: the same on any CPU count
             for r in (r for r in layout if r["qid"] in a["qids"]):
-                s.log(f"ring queue {r['qid']}: queue {r['queue']}, depth {r['depth']}")
+                log(f"ring queue {r['qid']}: queue {r['queue']}, depth {r['depth']}")
             return
         owned: dict[int, list[int]] = {q["index"]: [] for q in info["queues"]}
         for r in layout:
             owned[r["queue"]].append(r["qid"])
         for q, qids in owned.items():
-            s.log(f"queue {q}: ring queues {qids or 'none (idle)'}")
+            log(f"queue {q}: ring queues {qids or 'none (idle)'}")
     elif what == "counters":
         names = a.get("ops", ["READ", "WRITE"])
         for q in info["queues"]:
             counts = " ".join(f"{op}={q['opcodes'].get(op, 0)}" for op in names)
-            s.log(f"queue {q['index']}: {counts}")
+            log(f"queue {q['index']}: {counts}")
     else:
-        s.log(f"size={info['size']} writable={info['writable']} growable={info['growable']}")
+        log(f"size={info['size']} writable={info['writable']} growable={info['growable']}")
 
 
 @step("exporter-log", scalar=text, export=True, metavar="TEXT")

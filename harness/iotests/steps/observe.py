@@ -29,7 +29,8 @@ def _observe(s: Session, what: str) -> None:
     snap = observe.rings(exp.pids())
     fuse = snap.fuse_rings
     if what == "transport":
-        s.log(f"kernel: transport {'io-uring' if fuse else 'dev-fuse'} (rings with entries)")
+        seen = "io-uring (ring entries waiting)" if fuse else "dev-fuse (no ring entries)"
+        s.log(f"kernel: transport {seen}")
     elif what == "rings":
         total = sum(r.in_flight for r in fuse)
         per_qid, rest = divmod(total, possible_cpus())

@@ -54,6 +54,9 @@ class Target:
     # Options it lacks but always has one value of: an instance asking for
     # that value runs (without passing it), any other is not run.
     fixed: dict[str, Any] = field(default_factory=dict)
+    # Options of which it offers only some values (QSD's io-uring is a bool:
+    # no auto); an instance asking for another value is not run.
+    values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -93,6 +96,9 @@ class Target:
             return self.lacks({"multi-queue"})
         if settings["io-uring"] != "off" and "io-uring" not in self.capabilities:
             return self.lacks({"io-uring"})
+        for key, offered in self.values.items():
+            if settings[key] not in offered:
+                return f"target {self.label} has no {key}={settings[key]}"
         return None
 
     def exporter(

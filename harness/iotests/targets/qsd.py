@@ -33,6 +33,8 @@ OPTIONS = frozenset(o.key for o in TABLE if o.qsd)
 # What it always does where it has no option: ring entries per ring queue
 # (FUSE_DEFAULT_RING_QUEUE_DEPTH in the FUSE-over-io_uring series).
 FIXED = {"ring-depth": 64}
+# The series' io-uring is a bool: on or off, no fallback (auto).
+VALUES = {"io-uring": ("off", "on")}
 
 
 def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
@@ -125,7 +127,7 @@ def detect(name: str, binary: str | None) -> Target:
         )
     version, schema = query(path)
     caps = capabilities(schema) | {"faults"}  # block-layer holds (holds/blocklayer.py)
-    return Qsd("qsd", version, caps, OPTIONS, binary=path, holds=HOLDS, fixed=FIXED)
+    return Qsd("qsd", version, caps, OPTIONS, binary=path, holds=HOLDS, fixed=FIXED, values=VALUES)
 
 
 class _Monitor(ExporterProcess):
