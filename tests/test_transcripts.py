@@ -190,7 +190,8 @@ def test_parallel_jobs_pass_in_their_own_directories(suite: Path) -> None:
     assert [r["id"] for r in report["results"]] == [
         "eof-dd[legacy-growable=off]",
         "eof-dd[legacy-growable=on]",
-        "race-kill[legacy]",
+        "race-kill[legacy-queues=1]",
+        "race-kill[legacy-queues=2]",
         "rw-patterns[legacy]",
         "rw-seek[legacy]",
     ]
