@@ -69,7 +69,7 @@ def test_a_schema_with_io_uring_adds_the_export_with_it(tmp_path: Path) -> None:
         ("eof-big-write", "legacy", "target qsd-7.2.22 has no export option 'max-write'"),
         ("layout-multiqueue", "legacy", "target qsd-7.2.22 has no multi-queue exports"),
         ("export-del", "uring", "target qsd-7.2.22 has no FUSE-over-io_uring"),
-        ("layout-tables", "legacy", "the case is for target reference only"),
+        ("kernel-probes", "uring", "the case is for target reference only"),
         ("export-del", "legacy", None),
     ],
 )
