@@ -84,9 +84,9 @@ class BlockLayerHolds(ExporterProcess):
             raise outcome["error"]
         return outcome["value"]  # type: ignore[no-any-return]
 
-    def cleanup(self) -> list[str]:
-        try:
-            return super().cleanup()
+    def cleanup(self, *args: Any, **kwargs: Any) -> list[str]:
+        try:  # whatever the base class takes (how hard to stop)
+            return super().cleanup(*args, **kwargs)
         finally:  # after the daemon: it may still have had requests in flight
             if self.hold_server is not None:
                 self.hold_server.close()
