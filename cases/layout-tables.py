@@ -8,10 +8,12 @@ SPEC = {
     "id": "layout-tables",
     "description": "Ring queue ownership for possible CPUs 1..64 x queues 1..8 (no kernel needed)",
     "groups": ["quick", "layout"],
-    # Pure computation: no root, no /dev/fuse, no io_uring; one instance.
+    # Pure computation: no root, no /dev/fuse, no io_uring, no target: it
+    # runs with -file, once, since no export serves it.  The ownership is the
+    # reference exporter's and the FUSE-over-io_uring series' alike (ring
+    # queue k -> queue k mod N); layout-routing checks a live export's.
     "requires": {"root": False, "dev-fuse": False},
-    "transports": ["legacy"],
-    "targets": ["reference"],  # the reference exporter's own policy
+    "modes": ["file"],
 }
 
 POSSIBLE_CPUS = (1, 2, 3, 4, 8, 16, 64)

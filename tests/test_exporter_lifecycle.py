@@ -48,7 +48,12 @@ def test_qmp_stop_with_request_in_flight(exports, client, transport, command):
     exp = exports.start(writable=True)
     proc = held_request(exp, client, "pread")
     if command == "block-export-del":
-        assert exp.cmd(command, id="e0") == {}
+        from qemu.qmp import ExecuteError
+
+        # As QEMU: the request in flight keeps it "in use" unless mode=hard.
+        with pytest.raises(ExecuteError, match="export 'e0' still in use"):
+            exp.cmd(command, id="e0")
+        assert exp.cmd(command, id="e0", mode="hard") == {}
     else:
         assert exp.cmd(command) == {}
     assert exp.wait_exit() == 0

@@ -72,7 +72,7 @@ QMP_ONLY = frozenset({"qmp"})  # QSD 7.2: a monitor, nothing else
         ("eof-big-write", "legacy", "target qsd-7.2.22 has no export option 'max-write'"),
         ("layout-multiqueue", "legacy", "target qsd-7.2.22 has no multi-queue exports"),
         ("export-del", "uring", "target qsd-7.2.22 has no FUSE-over-io_uring"),
-        ("layout-tables", "legacy", "the case is for target reference only"),
+        ("kernel-probes", "uring", "the case is for target reference only"),
         ("export-del", "legacy", None),
     ],
 )
@@ -85,6 +85,23 @@ def test_what_a_target_cannot_run_is_decided_from_the_spec(
         target_problem(spec, spec.plan(inst), Target("qsd", "7.2.22", QMP_ONLY, qsd.OPTIONS))
         == reason
     )
+
+
+@pytest.mark.parametrize(
+    ("depth", "reason"),
+    [
+        ("1", "target qsd-11.2.0 has no export option 'ring-depth' (always 64)"),
+        ("64", None),  # its own depth: runs, without the option
+    ],
+)
+def test_an_option_a_target_lacks_narrows_the_matrix_to_its_own_value(
+    depth: str, reason: str | None
+) -> None:
+    spec = load_spec(CASES / "layout-depth.yaml")
+    inst = next(i for i in spec.instances() if dict(i.params)["depth"] == int(depth)).on("qsd")
+    caps = capabilities(with_io_uring(recorded("11.1.3")))
+    target = Target("qsd", "11.2.0", caps, qsd.OPTIONS, fixed=qsd.FIXED)
+    assert target_problem(spec, spec.plan(inst), target) == reason
 
 
 def test_version_constraints_and_id_globs() -> None:
@@ -245,7 +262,15 @@ def test_qsd_target_is_detected_from_its_schema() -> None:
     t = qsd.detect("qsd", None)
     assert (t.name, t.label, t.binary) == ("qsd", f"qsd-{t.version}", binary)
     assert version.startswith(f"qemu-storage-daemon version {t.version} ")
-    assert t.lacks({"faults"}) == f"target qsd-{t.version} has no fault injection"
+    # Fault steps reach its block layer through the harness's NBD server.
+    assert t.lacks({"faults"}) is None and t.holds.where == "block layer"
+    assert t.holds_problem({"READ", "WRITE", "FSYNC"}) is None
+    assert t.holds_problem({"GETATTR"}) == (
+        f"target qsd-{t.version} cannot hold GETATTR requests (block layer holds only)"
+    )
+    assert t.lacks({"introspection"}) == f"target qsd-{t.version} has no export introspection " + (
+        "(negotiation, queues and ring layout in query-block-exports)"
+    )
 
 
 @pytest.mark.usefixtures("fuse_root")
@@ -253,7 +278,7 @@ def test_qsd_target_is_detected_from_its_schema() -> None:
 def test_fetched_qsd_has_multi_queue_but_no_io_uring() -> None:
     t = qsd.detect("qsd-11.1", "/ignored/for/qsd-11.1")
     assert t.binary == str(FETCHED)
-    assert t.version.startswith("11.1.") and t.capabilities == {"qmp", "multi-queue"}
+    assert t.version.startswith("11.1.") and t.capabilities == {"qmp", "multi-queue", "faults"}
 
 
 def test_reference_processes_puts_io_uring_queues_in_processes(tmp_path: Path) -> None:

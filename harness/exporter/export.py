@@ -548,6 +548,12 @@ class Export:
             check_args(args, required=("id",), optional=("mode",))
             if args.get("id") != self.opts.export_id:
                 raise QmpError(f"Export '{args.get('id')}' is not found")
+            if args.get("mode", "safe") not in ("safe", "hard"):
+                raise QmpError(f"Parameter 'mode' does not accept value '{args['mode']}'")
+            # As QEMU's export.c: a request in flight (here: parked by a
+            # fault rule) holds a reference, which only mode "hard" overrides.
+            if args.get("mode", "safe") == "safe" and self.faults.parked:
+                raise QmpError(f"export '{args['id']}' still in use")
             self.request_stop("block-export-del")
             return {}
 

@@ -50,7 +50,7 @@ def _stable_flags(text: str, env: FilterEnv) -> str:
         names = [n for n in m.group(2).split() if n in STABLE_FLAGS]
         return m.group(1) + " ".join(names)
 
-    return re.sub(r"^(kernel offers: )(.*)$", keep, text, flags=re.M)
+    return re.sub(r"^((?:reference-only: )?kernel offers: )(.*)$", keep, text, flags=re.M)
 
 
 FILTERS: list[Filter] = [

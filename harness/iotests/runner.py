@@ -111,6 +111,7 @@ def target_problem(spec: CaseSpec, plan: Plan, target: Target) -> str | None:
         return None
     first, *others = plan.export_settings()  # what the case starts with, then start-export's
     problems = [target.settings_problem(first), target.lacks(set(plan.needs))]
+    problems.append(target.holds_problem(plan.fault_ops))
     problems += [target.settings_problem(s) for s in others]
     return next((p for p in problems if p), None)
 
@@ -211,7 +212,8 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
         golden = find_reference(
             opts.golden_dir, inst, spec.golden == "per-transport", uring_in_kernel()
         )
-        cmp = compare(golden, actual, opts.results_dir, safe, opts.regen)
+        own_log = "exporter-log" in opts.target.capabilities or inst.mode == "file"
+        cmp = compare(golden, actual, opts.results_dir, safe, opts.regen, own_log)
         result.golden = str(golden)
         if not cmp.ok:
             result.status = "fail"

@@ -16,6 +16,7 @@ from ...kernel.errnos import errno_name
 from ...kernel.mount import fuse_mounted, umount
 from ...options import boolean, choice, positive
 from ..filters import apply_filters
+from ..golden import REFERENCE_ONLY
 from ..lifecycle import ExportFailed
 from ..waiting import WaitTimeout
 from .session import Session
@@ -42,7 +43,8 @@ def _signal(s: Session, name: str) -> None:
 @step("wait-exit", export=True)
 def _wait_exit(s: Session, _: None) -> None:
     """Wait (bounded) for the exporter to exit; print its status."""
-    code = s.need_exporter().wait_exit(s.bound(STOP_WAIT))
+    exp = s.need_exporter()
+    code = exp.settle(lambda: exp.wait_exit(s.bound(STOP_WAIT)), s.log)
     if code < 0:
         s.log(f"exporter killed by {signal.Signals(-code).name}")
     else:
@@ -57,7 +59,8 @@ def _wait_exit(s: Session, _: None) -> None:
 )
 def _qmp(s: Session, a: dict[str, Any]) -> None:
     """Send a command on the control socket; print the response as iotests does."""
-    resp = s.need_exporter().cmd_raw(a["execute"], a.get("arguments"))
+    exp = s.need_exporter()
+    resp = exp.settle(lambda: exp.cmd_raw(a["execute"], a.get("arguments")), s.log)
     resp.pop("id", None)
     s.log(json.dumps(resp, sort_keys=True))
 
@@ -101,7 +104,8 @@ def _umount(s: Session, a: dict[str, Any]) -> None:
 @step("wait-unmounted", export=True)
 def _wait_unmounted(s: Session, _: None) -> None:
     """Wait (bounded) until the mount table no longer lists our mount."""
-    s.need_exporter().wait_unmounted(s.bound(STOP_WAIT))
+    exp = s.need_exporter()
+    exp.settle(lambda: exp.wait_unmounted(s.bound(STOP_WAIT)), s.log)
     s.log("unmounted (mount table)")
 
 
@@ -235,43 +239,52 @@ def _mountpoint(s: Session, kind: str) -> None:
     "show",
     {"what": (choice(*SHOW), True), "ops": (ops, False), "qids": (qid_list, False)},
     export=True,
-    needs=("introspection",),
 )
 def _show(s: Session, a: dict[str, Any]) -> None:
-    """Print the export's negotiation, ring layout, per-queue counters or size/flags."""
-    info = s.need_exporter().query()
+    """Print the reference exporter's own report: negotiation, layout, counters (reference-only)."""
+    exp = s.need_exporter()
+    if s.export_target is None or "introspection" not in s.export_target.capabilities:
+        return  # compared without these lines; `observe` shows what the kernel sees
+    info = exp.query()
     what = a["what"]
+
+    def log(line: str) -> None:
+        s.log(REFERENCE_ONLY + line)
+
     if what == "negotiation":
         n = info["negotiation"]
-        s.log(f"kernel: protocol {n['kernel-major']}.{n['kernel-minor']}")
-        s.log(f"kernel offers: {' '.join(n['offered-names'])}")
-        s.log(f"reply: protocol 7.{n['minor']} {' '.join(n['replied-names'])}")
-        s.log(f"max_write={n['max-write']} max_pages={n['max-pages']}")
-        s.log(f"payload-size={info['payload-size']} transport={info['transport']}")
+        log(f"kernel: protocol {n['kernel-major']}.{n['kernel-minor']}")
+        log(f"kernel offers: {' '.join(n['offered-names'])}")
+        log(f"reply: protocol 7.{n['minor']} {' '.join(n['replied-names'])}")
+        log(f"max_write={n['max-write']} max_pages={n['max-pages']}")
+        log(f"payload-size={info['payload-size']} transport={info['transport']}")
     elif what == "layout":
-        s.log(f"cpus={info.get('possible-cpus', 0)} queues={len(info['queues'])}")
+        log(f"cpus={info.get('possible-cpus', 0)} queues={len(info['queues'])}")
         layout = info.get("ring-layout", [])
         if "qids" in a:  # just these ring queues: the same on any CPU count
             for r in (r for r in layout if r["qid"] in a["qids"]):
-                s.log(f"ring queue {r['qid']}: queue {r['queue']}, depth {r['depth']}")
+                log(f"ring queue {r['qid']}: queue {r['queue']}, depth {r['depth']}")
             return
         owned: dict[int, list[int]] = {q["index"]: [] for q in info["queues"]}
         for r in layout:
             owned[r["queue"]].append(r["qid"])
         for q, qids in owned.items():
-            s.log(f"queue {q}: ring queues {qids or 'none (idle)'}")
+            log(f"queue {q}: ring queues {qids or 'none (idle)'}")
     elif what == "counters":
         names = a.get("ops", ["READ", "WRITE"])
         for q in info["queues"]:
             counts = " ".join(f"{op}={q['opcodes'].get(op, 0)}" for op in names)
-            s.log(f"queue {q['index']}: {counts}")
+            log(f"queue {q['index']}: {counts}")
     else:
-        s.log(f"size={info['size']} writable={info['writable']} growable={info['growable']}")
+        log(f"size={info['size']} writable={info['writable']} growable={info['growable']}")
 
 
-@step("exporter-log", scalar=text, export=True, metavar="TEXT", needs=("exporter-log",))
+@step("exporter-log", scalar=text, export=True, metavar="TEXT")
 def _exporter_log(s: Session, needle: str) -> None:
-    """Print the exporter's stderr lines that contain a string."""
-    lines = [ln for ln in s.need_exporter().stderr().splitlines() if needle in ln]
+    """Print the reference exporter's stderr lines that contain a string (reference-only)."""
+    exp = s.need_exporter()
+    if s.export_target is None or "exporter-log" not in s.export_target.capabilities:
+        return  # another daemon's log is its own: compared without these lines
+    lines = [ln for ln in exp.stderr().splitlines() if needle in ln]
     for line in lines or [f"(no exporter output containing {needle!r})"]:
-        s.log(line)
+        s.log(REFERENCE_ONLY + line)

@@ -203,8 +203,10 @@ def _fsync(s: Session, _: None) -> None:
         s.log("fsync: ok")
     except OSError as e:
         s.log(f"fsync: {errno_name(e.errno or 0)}")
-    finally:
+    try:  # close sends FUSE_FLUSH, which an export may fail as well
         os.close(fd)
+    except OSError as e:
+        s.log(f"close: {errno_name(e.errno or 0)}")
 
 
 @step("echo", scalar=text, metavar="TEXT")

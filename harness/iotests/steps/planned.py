@@ -53,6 +53,15 @@ class Plan:
         """The target capabilities the steps need."""
         return frozenset().union(*(s.defn.needs for s in self.all_steps()))
 
+    @property
+    def fault_ops(self) -> frozenset[str]:
+        """The opcodes its fault steps hold, fail or delay."""
+        return frozenset(
+            s.value["op"]
+            for s in self.all_steps()
+            if "faults" in s.defn.needs and isinstance(s.value, dict) and "op" in s.value
+        )
+
     def export_settings(self) -> list[Settings]:
         """Every set of options an export of this plan starts with."""
         return export_settings(self.settings, self.steps)

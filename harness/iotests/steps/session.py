@@ -24,6 +24,7 @@ from ..client import ClientPool
 from ..context import CaseContext
 from ..filters import FilterEnv
 from ..lifecycle import ExporterProcess
+from ..observe import Looks
 from ..targets import Target
 from ..waiting import WaitTimeout
 from .planned import Plan, PlannedStep
@@ -99,6 +100,7 @@ class Session:
     unpinned: set[int] | None = None  # the case thread's CPUs before `pin`
     disk_usage: int | None = None  # the image's st_blocks at the last disk-usage
     current: PlannedStep | None = None  # the step running now, for reports
+    kernel: Looks = field(default_factory=Looks)  # what `observe` saw last
 
     def __post_init__(self) -> None:
         self.ctx.defer(self.clients.cleanup, "background clients")
@@ -180,6 +182,7 @@ class Session:
         work.mkdir()
         image = None if settings["null-size"] is not None else self.image
         exp = self.export_target.exporter(work, self.target, image, settings)
+        exp.wants_holds = "faults" in self.plan.needs
         self.ctx.defer(
             lambda: exp.cleanup(kill=self.ctx.gave_up), f"exporter {work.name}", target=True
         )

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from ...options import OPTIONS, Settings
+from ..holds import Holds
 from ..lifecycle import ExporterProcess
 
 # What a target may be able to do beyond serving the mount, with the words
@@ -49,6 +50,15 @@ class Target:
     capabilities: frozenset[str]
     options: frozenset[str] = field(default_factory=lambda: frozenset(o.key for o in OPTIONS))
     binary: str = ""
+    # Which requests its fault steps can hold, and where they wait (with
+    # the capability "faults").
+    holds: Holds = field(default_factory=lambda: Holds("exporter"))
+    # Options it lacks but always has one value of: an instance asking for
+    # that value runs (without passing it), any other is not run.
+    fixed: dict[str, Any] = field(default_factory=dict, hash=False)  # a Target is a dict key
+    # Options of which it offers only some values (QSD's io-uring is a bool:
+    # no auto); an instance asking for another value is not run.
+    values: dict[str, tuple[Any, ...]] = field(default_factory=dict, hash=False)
 
     @property
     def label(self) -> str:
@@ -76,15 +86,26 @@ class Target:
         missing = sorted(set(needs) - self.capabilities)
         return f"target {self.label} has no {CAPABILITIES[missing[0]]}" if missing else None
 
+    def holds_problem(self, ops: Iterable[str]) -> str | None:
+        """Why its fault steps cannot reach requests of these opcodes, or None."""
+        return self.holds.problem(self.label, ops)
+
     def settings_problem(self, settings: Settings) -> str | None:
         """Why this target cannot export with these settings, or None."""
         unknown = sorted(settings.explicit - self.options)
-        if unknown:
-            return f"target {self.label} has no export option '{unknown[0]}'"
+        for key in unknown:
+            if key not in self.fixed:
+                return f"target {self.label} has no export option '{key}'"
+            if settings[key] != self.fixed[key]:  # the matrix narrows to its own value
+                always = self.fixed[key]
+                return f"target {self.label} has no export option '{key}' (always {always})"
         if settings["queues"] > 1 and "multi-queue" not in self.capabilities:
             return self.lacks({"multi-queue"})
         if settings["io-uring"] != "off" and "io-uring" not in self.capabilities:
             return self.lacks({"io-uring"})
+        for key, offered in self.values.items():
+            if settings[key] not in offered:
+                return f"target {self.label} has no {key}={settings[key]}"
         return None
 
     def exporter(
@@ -100,6 +121,7 @@ class Target:
             "binary": self.binary,
             "capabilities": sorted(self.capabilities),
             "options": sorted(self.options),
+            "holds": self.holds.describe() if "faults" in self.capabilities else "",
         }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ...options import OPTIONS as TABLE
 from ...options import Settings
+from ..holds.blocklayer import HOLDS, BlockLayerHolds
 from ..lifecycle import ExporterProcess, ExportFailed
 from ..qsd import build, fetch, series
 from ..waiting import WaitTimeout
@@ -33,6 +34,11 @@ NAMES = ("qsd", "qsd-11.1", "qsd-series")
 FETCHED = fetch.WRAPPER
 # The export options QSD has: the table's rows with a qsd column.
 OPTIONS = frozenset(o.key for o in TABLE if o.qsd)
+# What it always does where it has no option: ring entries per ring queue
+# (FUSE_DEFAULT_RING_QUEUE_DEPTH in the FUSE-over-io_uring series).
+FIXED = {"ring-depth": 64}
+# The series' io-uring is a bool: on or off, no fallback (auto).
+VALUES = {"io-uring": ("off", "on")}
 
 
 def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
@@ -43,7 +49,7 @@ def qmp_monitor_argv(binary: str, qmp: Path) -> list[str]:
     ]  # fmt: skip
 
 
-class QsdExporter(NativeExporter):
+class QsdExporter(BlockLayerHolds, NativeExporter):
     fstype = "fuse"  # libfuse's plain type: ownership is by mount id
 
     def command(self) -> list[str]:
@@ -54,6 +60,8 @@ class QsdExporter(NativeExporter):
         s = self.settings
         if s["null-size"] is not None:
             node = {"driver": "null-co", "size": s["null-size"], "read-zeroes": True}
+        elif self.wants_holds and self.image is not None:
+            node = self.hold_node(self.image)
         else:
             node = {"driver": "file", "filename": str(self.image)}
         self._setup("blockdev-add", {"node-name": "n0", **node})
@@ -117,7 +125,8 @@ def detect(name: str, binary: str | None) -> Target:
     made = build.info(path)  # one of tools/qsd build's: name the stack too
     if made is not None:
         version = made.label
-    return Qsd("qsd", version, capabilities(schema), OPTIONS, binary=path)
+    caps = capabilities(schema) | {"faults"}  # block-layer holds (holds/blocklayer.py)
+    return Qsd("qsd", version, caps, OPTIONS, binary=path, holds=HOLDS, fixed=FIXED, values=VALUES)
 
 
 class _Monitor(ExporterProcess):
