@@ -14,16 +14,19 @@ same behaviour, both run on the same daemon.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...kernel.mount import mount_table, umount_or_detach
 from ...kernel.params import ENABLE_URING, ensure_uring, kernel_lock, read_param
 from ..lifecycle import REPO
 from .build import CONFIGURE, CONFIGURE_BOUND, NINJA_BOUND, Build, _ccache_env, _run, build, say
@@ -96,25 +99,42 @@ def _check(b: Build, env: dict[str, str], args: list[str], log: Path, label: str
     run = IotestsRun(" ".join(args), label, log=log)
     say(f"qemu-iotests check {run.name}")
     with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["./check", *args],
+            cwd=b.build_dir / "tests" / "qemu-iotests",
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its daemons and emulators: one group to kill
+        )
         try:
-            res = subprocess.run(
-                ["./check", *args],
-                cwd=b.build_dir / "tests" / "qemu-iotests",
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=CHECK_BOUND,
-                start_new_session=True,
-            )
-            run.exit = res.returncode
+            run.exit = proc.wait(CHECK_BOUND)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             run.exit = -1
+        except BaseException:  # Ctrl-C: nothing of it may stay either
+            _kill_group(proc)
+            raise
+    _unmount_below(Path(env["TEST_DIR"]))
     for line in log.read_text(errors="replace").splitlines():
         found = list(VERDICT.finditer(line))
         if found:
             run.verdicts[found[-1].group("test")] = found[-1].group("status")
     return run
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _unmount_below(directory: Path) -> None:
+    """FUSE exports a killed or failed test left in its TEST_DIR."""
+    for e in mount_table():
+        if e.is_fuse and e.mountpoint.startswith(f"{directory}/"):
+            umount_or_detach(e.mountpoint)
 
 
 def sections_differing(out_bad: Path, expected: Path) -> set[str]:
