@@ -40,8 +40,11 @@ class LibfuseExporter(NativeExporter):
 
     def command(self) -> list[str]:
         image = [] if self.image is None else ["--image", str(self.image)]
+        # The ring depth always: the option table's default (64) is not
+        # libfuse's (8), and argv() leaves defaults out.
+        depth = ["--ring-depth", str(self.settings["ring-depth"])]
         return [
-            self.target.binary, *image, *self.settings.argv(),
+            self.target.binary, *image, *self.settings.argv(), *depth,
             "--mountpoint", str(self.mountpoint), "--pidfile", str(self.pidfile),
         ]  # fmt: skip
 
