@@ -20,7 +20,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ..kernel import cpus
 from ..kernel.mount import mount_table
 from ..kernel.params import (
     ENABLE_URING,
@@ -41,6 +43,7 @@ from .plan import Plan
 from .runs import RUN
 from .spec import CaseSpec
 from .steps import Session
+from .steps.host import CPU_NAMES, named_cpu
 from .steps.vocabulary import TOOLS as STEP_TOOLS
 from .targets import Target
 from .timeouts import scale
@@ -136,12 +139,35 @@ def missing_requirement(spec: CaseSpec, inst: Instance, target: Target) -> str |
             return f"{tool} not installed"
     if req.get("cpus", 0) > possible_cpus():
         return f"needs {req['cpus']} possible CPUs, this machine has {possible_cpus()}"
+    problem = cpu_problem(req)
+    if problem:
+        return problem
     if req.get("kernel-uring") and not uring_in_kernel():
         return NO_URING
     if req.get("uring"):
         return ensure_uring()
     if req.get("uring-if-available") and uring_in_kernel():
         return ensure_uring()  # where the kernel has it, io-uring auto must get it
+    return None
+
+
+def cpu_problem(req: dict[str, Any]) -> str | None:
+    """Why the CPUs a plan names (steps/host.py) are not here, or cannot go
+    offline and back."""
+    names = [n for n in CPU_NAMES if req.get(f"cpu-{n}")]
+    if not names and not req.get("hotplug"):
+        return None
+    topo = cpus.Topology.read()
+    for name in names:
+        cpu = named_cpu(name, topo)
+        if cpu is None or (req.get("hotplug") and not cpus.hotpluggable(cpu)):
+            what = "a second online CPU" if name == "spare" else "a second possible CPU"
+            return (
+                f"needs {what} that can go offline ({topo.describe()}): "
+                "boot a VM with --cpus/--max-cpus"
+            )
+    if req.get("hotplug") and os.geteuid() != 0:
+        return "needs root (CPU hotplug)"
     return None
 
 

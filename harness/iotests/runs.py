@@ -3,7 +3,8 @@
 Every process that uses the harness (a tools/check run, a pytest worker)
 registers itself in STATE_DIR the first time it starts something: a JSON
 file it keeps flock()ed for its whole life, listing its cgroup, the
-mountpoints its exporters use and the directories it made.  Every process
+mountpoints its exporters use, the directories it made and the CPUs it took
+offline or brought online (with the state to put back).  Every process
 it starts (exporters, qemu-storage-daemon, clients, dd, fio, qemu-io) goes
 into that per-run cgroup (cgroup v2; without a writable one, the pids are
 listed instead) and gets a parent-death signal.
@@ -13,9 +14,9 @@ flock, so a reused pid cannot fool it).  reap_stale() finds those and
 removes what they left: it kills the cgroup (cgroup.kill) or the listed
 processes, unmounts FUSE mounts on the listed mountpoints or inside the
 listed directories (only ours: every one of them is a directory the run
-created), deletes the directories, and says what it removed only after
-checking that it is gone.  tools/check runs it first, and `--cleanup` runs
-only it.
+created), puts the CPUs it changed back, deletes the directories, and says
+what it removed only after checking that it is gone.  tools/check runs it
+first, and `--cleanup` runs only it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..kernel import cpus
 from ..kernel.libc import die_with_parent
 from ..kernel.mount import mount_table, umount_or_detach
 from .cleanup import run_all
@@ -85,6 +87,8 @@ class RunState:
     pids: list[int] = field(default_factory=list)  # without a cgroup
     mountpoints: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
+    # CPU -> whether it was online before the run changed it (JSON keys are str).
+    cpus: dict[str, bool] = field(default_factory=dict)
 
 
 def cgroup2_root() -> Path | None:
@@ -152,6 +156,19 @@ class Run:
     def add_dir(self, path: Path | str) -> None:
         self._add("dirs", str(path))
 
+    def changing_cpu(self, cpu: int, was_online: bool) -> None:
+        """Before taking CPU `cpu` offline or online: what to put back."""
+        with self._lock:
+            state = self._ensure()
+            state.cpus.setdefault(str(cpu), was_online)
+            self._save()
+
+    def restored_cpu(self, cpu: int) -> None:
+        """CPU `cpu` is as the run found it again."""
+        with self._lock:
+            if self.state is not None and self.state.cpus.pop(str(cpu), None) is not None:
+                self._save()
+
     def _add(self, what: str, value: str) -> None:
         with self._lock:
             items: list[str] = getattr(self._ensure(), what)
@@ -170,6 +187,9 @@ class Run:
         with self._lock:
             if self.state is None or self.path is None:
                 return
+            for cpu, was in _cpus_changed(self.state):  # what an instance left changed
+                with contextlib.suppress(OSError):
+                    cpus.set_online(cpu, was)
             if _leftovers(self.state):
                 return
             if self.state.cgroup:
@@ -324,7 +344,18 @@ def _leftovers(state: RunState) -> list[str]:
         left += [f"process {p}" for p in _cgroup_pids(state.cgroup)]
     left += [f"process {p}" for p in state.pids if alive(p)]
     left += [f"FUSE mount {m}" for m in _our_mounts(state)]
+    left += [_cpu_change(c, was) for c, was in _cpus_changed(state)]
     return left
+
+
+def _cpu_change(cpu: int, was_online: bool) -> str:
+    return f"the {'offline' if was_online else 'online'} state of CPU {cpu}"
+
+
+def _cpus_changed(state: RunState) -> list[tuple[int, bool]]:
+    """The CPUs the run changed that are not back as it found them."""
+    now = cpus.Topology.read().online
+    return [(int(c), was) for c, was in sorted(state.cpus.items()) if (int(c) in now) != was]
 
 
 def _rmdir(path: str | None) -> bool:
@@ -387,8 +418,16 @@ def _reap(state: RunState) -> tuple[list[str], list[str]]:
         shutil.rmtree(d)
         return [f"directory {d}"]
 
+    def put_back(cpu: int, online: bool) -> list[str]:
+        cpus.set_online(cpu, online)
+        return [_cpu_change(cpu, online)]
+
     actions: list[tuple[str, Callable[[], Any]]] = [("kill the processes", kill)]
     actions += [(f"unmount {mp}", lambda mp=mp: unmount(mp)) for mp in _our_mounts(state)]
+    actions += [
+        (f"put CPU {c} back", lambda c=c, was=was: put_back(c, was))
+        for c, was in _cpus_changed(state)
+    ]
     if state.cgroup:
         actions.append((f"remove cgroup {state.cgroup}", rmdir_cgroup))
     actions += [(f"remove {d}", lambda d=d: remove_dir(d)) for d in state.dirs]

@@ -37,6 +37,9 @@ REQUIREMENTS: dict[str, type] = {
     "qemu-io": bool,
     "qemu-img": bool,
     "cpus": int,
+    "cpu-last": bool,  # a step names CPU `last` (steps/host.py)
+    "cpu-spare": bool,
+    "hotplug": bool,  # a step takes CPUs offline or online
 }
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _REF = re.compile(r"\$\{?([A-Za-z][A-Za-z0-9_-]*)\}?")

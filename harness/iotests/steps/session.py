@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ...kernel.cpus import Topology
 from ...options import Settings
 from ...patterns import offset_pattern, pattern_bytes
 from .. import runs, transport
@@ -82,6 +83,9 @@ def describe(e: OSError) -> str:
 # -- the session ----------------------------------------------------------
 
 
+FIRST_ANSWER = 10.0  # a started export answers a GETATTR in milliseconds (scaled)
+
+
 @dataclass
 class Session:
     """Runs one instance's steps against its target."""
@@ -101,6 +105,9 @@ class Session:
     disk_usage: int | None = None  # the image's st_blocks at the last disk-usage
     current: PlannedStep | None = None  # the step running now, for reports
     kernel: Looks = field(default_factory=Looks)  # what `observe` saw last
+    # The CPUs as the instance found them: what `spare` and `last` name.
+    cpus_at_start: Topology = field(default_factory=Topology.read)
+    cpus_changed: set[int] = field(default_factory=set)  # put back at the end
 
     def __post_init__(self) -> None:
         self.ctx.defer(self.clients.cleanup, "background clients")
@@ -206,6 +213,12 @@ class Session:
             finally:
                 os.sched_setaffinity(0, {self.cpu})
         if exp.wants_ring:
+            # Bounded: a server the kernel never lets serve is a finding.
+            first = transport.FirstAnswer.send(exp.mountpoint)
+            try:
+                self.wait(first.answered.is_set, "the export to answer a request", FIRST_ANSWER)
+            except WaitTimeout as e:
+                raise WaitTimeout(f"{e}\nthe request's kernel stack:\n{first.where()}") from None
             transport.check(exp.pids(), exp.mountpoint)
         return exp
 
