@@ -15,6 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..kernel.cpus import Topology
+from .observe import rings
 from .waiting import fd_links, is_descendant, kernel_stacks
 
 GDB_BOUND = 30.0  # attach, read the symbols of a debug build, walk every thread
@@ -82,4 +84,20 @@ def hang_report(pids: list[int], mountpoint: str) -> str:
         parts.append(f"kernel stacks of target process {pid}:\n{kernel_stacks(pid)}")
         parts.append(f"user-space backtraces of target process {pid}:\n{gdb_backtraces(pid)}")
     parts.append(f"clients of {mountpoint}:\n{client_states(mountpoint, set(pids))}")
+    parts.append(f"rings and CPUs:\n{ring_summary(pids)}")
     return "\n".join(parts)
+
+
+def ring_summary(pids: list[int]) -> str:
+    """The FUSE ring entries the target has waiting in the kernel, beside
+    the CPU topology: a ring the kernel never starts (an entry missing for
+    some possible CPU's queue) leaves every request waiting."""
+    try:
+        fuse = rings(pids).fuse_rings
+    except OSError as e:
+        return f"    (could not read: {e})"
+    entries = " + ".join(str(r.in_flight) for r in fuse) or "none"
+    return (
+        f"    {len(fuse)} ring(s) with FUSE entries in flight: {entries}\n"
+        f"    CPUs: {Topology.read().describe()}"
+    )

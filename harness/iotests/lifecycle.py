@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..kernel.mount import find_mount, umount_or_detach
-from ..options import FSTYPE
+from ..options import FSTYPE, Settings
 from . import runs
 from .cleanup import Outcome, run_all
 from .evidence import hang_report
@@ -64,6 +64,7 @@ class ExporterProcess:
     # The case holds, fails or delays requests: set before start() for a
     # target whose holds need setting up with the export (QSD's NBD node).
     wants_holds = False
+    settings: Settings  # what it was started with (set by the subclasses)
 
     def __init__(self, workdir: Path, mountpoint: Path) -> None:
         self.workdir = workdir

@@ -16,9 +16,12 @@ server writes at most a few eventfd words.  It costs PROBES round trips.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .waiting import fd_links
@@ -63,6 +66,37 @@ def uring_fds(pids: Iterable[int]) -> int:
 
 class TransportError(RuntimeError):
     """An export asked for io_uring serves over /dev/fuse; str() says so."""
+
+
+@dataclass
+class FirstAnswer:
+    """One attribute request, sent from a thread of its own: a server that
+    never answers (the kernel never started its ring, say) leaves that
+    thread asleep in FUSE until the server dies, and the caller waits for
+    `answered` with a bound instead."""
+
+    answered: threading.Event
+    thread: threading.Thread
+
+    @classmethod
+    def send(cls, mountpoint: Path) -> FirstAnswer:
+        answered = threading.Event()
+
+        def probe() -> None:
+            with contextlib.suppress(OSError):  # a failed mount answers too
+                _statx_sync(mountpoint)
+            answered.set()
+
+        t = threading.Thread(target=probe, daemon=True, name=f"first request to {mountpoint}")
+        t.start()
+        return cls(answered, t)
+
+    def where(self) -> str:
+        """Where the request sleeps: its thread's kernel stack."""
+        try:
+            return Path(f"/proc/self/task/{self.thread.native_id}/stack").read_text().rstrip()
+        except OSError as e:
+            return f"<{e.strerror}>"
 
 
 def check(pids: list[int], mountpoint: Path) -> None:

@@ -7,13 +7,18 @@ request, the transport and the requests the kernel waits for are read from
 
 from __future__ import annotations
 
+from typing import Any
+
+from ...kernel import cpus
 from ...layout import possible_cpus
 from ...options import choice
+from ...patterns import pattern_bytes
 from .. import observe
+from ..client import ClientPool
 from .session import Session
-from .vocabulary import step
+from .vocabulary import size, step
 
-LOOKS = ("rings", "served", "transport", "waiting")
+LOOKS = ("queues", "rings", "served", "transport", "waiting")
 
 
 @step("observe", scalar=choice(*LOOKS), export=True, metavar=", ".join(LOOKS))
@@ -31,6 +36,18 @@ def _observe(s: Session, what: str) -> None:
     if what == "transport":
         seen = "io-uring (ring entries waiting)" if fuse else "dev-fuse (no ring entries)"
         s.log(f"kernel: transport {seen}")
+    elif what == "queues":
+        # Every ring entry waits for a request at rest, and each ring queue
+        # gets ring-depth of them: the total says how many queues have entries.
+        depth, total = exp.settings["ring-depth"], sum(r.in_flight for r in fuse)
+        covered, rest = divmod(total, depth)
+        if covered == possible_cpus() and not rest:
+            s.log("kernel: ring entries for every possible CPU's queue")
+        else:
+            s.log(
+                f"kernel: ring entries for {total / depth:g} of {possible_cpus()} possible CPUs' "
+                f"queues ({total} entries, {depth} per queue)"
+            )
     elif what == "rings":
         total = sum(r.in_flight for r in fuse)
         per_qid, rest = divmod(total, possible_cpus())
@@ -42,3 +59,46 @@ def _observe(s: Session, what: str) -> None:
         names = sorted(s.kernel.name(key) for key in served)
         s.log(f"kernel: served by {', '.join(f'ring {n}' for n in names) or 'no ring'}")
     s.kernel.last = snap
+
+
+@step("route", {"length": (size, False)}, export=True)
+def _route(s: Session, a: dict[str, Any]) -> None:
+    """From each online CPU in turn, a client pinned there writes and reads; each CPU's one ring."""
+    exp = s.need_exporter()
+    length = a.get("length", 4096)
+    online = cpus.Topology.read().online
+    problems: list[str] = []
+    for cpu in online:
+        # A write and a read back, each from its own process on this CPU:
+        # both must be served, by the same ring (the kernel sends a request
+        # to the ring queue of its task's CPU, and one ring holds that queue).
+        s.wait(lambda: observe.waiting(str(s.target)) == 0, "no request waiting (fusectl)")
+        before = {r.key: r.completed for r in observe.rings(exp.pids()).rings}
+        pat = 0x40 + cpu % 0x40
+        for op, args in (
+            ("pwrite", (cpu * length, length, pat)),
+            ("pread", (cpu * length, length)),
+        ):
+            p = s.clients.spawn(op, s.target, *args, cpu=cpu)
+            s.wait(lambda p=p: p.poll() is not None, f"{op} from CPU {cpu}")
+            got = ClientPool.result(p)
+            if got != f"ok {length}":
+                problems.append(f"CPU {cpu}: {op} gave {got!r}")
+        s.wait(lambda: observe.waiting(str(s.target)) == 0, "no request waiting (fusectl)")
+        after = observe.rings(exp.pids())
+        served = sorted(
+            s.kernel.name(r.key) for r in after.fuse_rings if r.completed > before.get(r.key, 0)
+        )
+        if len(served) != 1:
+            rings = ", ".join(f"ring {n}" for n in served) or "no ring"
+            problems.append(f"CPU {cpu}: served by {rings}")
+        s.kernel.last = after
+    with open(s.target, "rb", buffering=0) as f:
+        for cpu in online:
+            f.seek(cpu * length)
+            if f.read(length) != pattern_bytes(0x40 + cpu % 0x40, length):
+                problems.append(f"CPU {cpu}: its data did not read back")
+    for line in problems:
+        s.log(f"route: {line}")
+    if not problems:
+        s.log("route: every online CPU served, each by one ring, data intact")
