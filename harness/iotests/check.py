@@ -3,6 +3,7 @@
     tools/check [-fuse|-file] [-g GROUPS] [-x GROUPS] [-n] [-d] [-j N] [--regen]
                 [--target NAME] [--qsd PATH] [--diff-targets A,B[,C...]]
                 [--timeout-scale F] [--kernel K | --kernels K1,K2] [--accel A]
+                [--cpus N] [--max-cpus M]
                 [--repro INSTANCE] [--cleanup] [CASE...]
 
 -fuse (the default) runs instances through an export on the classic
@@ -10,7 +11,8 @@
 -file runs the generic I/O cases directly on the image, as a baseline.
 --target picks the export implementation (also FUSE_IOTESTS_TARGET);
 --diff-targets runs every instance on two or more targets and compares them.
---kernel runs the same in a VM booted with another kernel (harness/iotests/vm).
+--kernel runs the same in a VM booted with another kernel (harness/iotests/vm),
+with --cpus N online of --max-cpus M possible CPUs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .runner import (
 from .runs import RUN, reap_stale
 from .spec import CaseSpec, SpecError, load_all
 from .vm import ACCELS
+from .vm.run import VmCpus
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
 INTERRUPT_JOIN = 30.0
@@ -89,7 +92,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run in a VM booted with kernel K: a Debian series (6.1, 7.3), a package "
         "version, a kernel tree, or BZIMAGE:MODULES_DIR",
     )
-    p.add_argument("--kernels", metavar="K1,K2", help="one VM run per kernel, then a matrix")
+    p.add_argument(
+        "--kernels",
+        metavar="K1,K2",
+        help="one VM run per kernel, then a matrix; K@N/M: that kernel with N online CPUs "
+        "of M possible (7.3@2/4)",
+    )
+    p.add_argument(
+        "--cpus", type=int, metavar="N", help="with --kernel(s): N CPUs online in the VM (2)"
+    )
+    p.add_argument(
+        "--max-cpus",
+        type=int,
+        metavar="M",
+        help="with --kernel(s): M possible CPUs in the VM, the ones beyond --cpus offline "
+        "(default: --cpus)",
+    )
     p.add_argument(
         "--repro",
         metavar="INSTANCE",
@@ -135,6 +153,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repro takes one instance (and at most one --kernel)")
     if ns.kernels is not None and not all(ns.kernels.split(",")):
         p.error("--kernels takes kernels separated by commas: 6.1,7.3")
+    ns.vm_cpus = None
+    if ns.cpus is not None or ns.max_cpus is not None:
+        if not (ns.kernel or ns.kernels):
+            p.error("--cpus and --max-cpus shape a VM: they need --kernel or --kernels")
+        online = ns.cpus if ns.cpus is not None else min(2, ns.max_cpus)
+        try:
+            ns.vm_cpus = VmCpus(online, ns.max_cpus if ns.max_cpus is not None else online)
+        except ValueError as e:
+            p.error(f"--cpus/--max-cpus: {e}")
     if ns.diff_targets is not None:
         names = ns.diff_targets.split(",")
         if len(names) < 2 or not all(names) or len(set(names)) != len(names):
@@ -252,7 +279,7 @@ def _check(ns: argparse.Namespace, argv: list[str] | None) -> int:
         scale = ns.timeout_scale if ns.scale_given else None
         kernels = [ns.kernel] if ns.kernel else ns.kernels.split(",")
         results = Path(ns.results) if ns.results else None
-        return check_on_kernels(kernels, given, ns.accel, scale, results)
+        return check_on_kernels(kernels, given, ns.accel, scale, results, ns.vm_cpus)
     names = ns.diff_targets.split(",") if ns.diff_targets else [ns.target]
     try:
         chosen_targets = [targets.resolve(n, ns.qsd) for n in names]
@@ -345,7 +372,10 @@ def _repro(ns: argparse.Namespace, specs: list[CaseSpec]) -> int:
     # A daemon tools/qsd built: the script builds it again from the same inputs.
     made = qsd_build.info(target.binary) if target.binary else None
     build_from = (made.source_spec, made.patch_paths, None) if made and made.source_spec else None
-    print(write_script(found[0], ns.target, ns.qsd, ns.kernel, ns.accel, build_from=build_from))
+    kernel = ns.kernel
+    if kernel and ns.vm_cpus is not None and "@" not in kernel:
+        kernel = f"{kernel}@{ns.vm_cpus.spelling}"  # the script boots the same topology
+    print(write_script(found[0], ns.target, ns.qsd, kernel, ns.accel, build_from=build_from))
     return 0
 
 

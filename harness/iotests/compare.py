@@ -67,10 +67,13 @@ def _flat(fp: dict[str, Any], vm: dict[str, Any]) -> dict[str, Any]:
                 out[f"target {t.get('name')}"] = (
                     f"{t.get('version')} {' '.join(t.get('capabilities', []))}"
                 )
-        elif k != "exporter":
+        elif k == "cpus" and isinstance(v, dict):
+            out.update({f"cpus {kind}": ids for kind, ids in v.items()})
+        elif k not in ("exporter", "possible_cpus", "possible_cpu_list"):
             out[k] = v
     if vm:
-        out["vm"] = f"{vm.get('kernel')} ({vm.get('accel')})"
+        cpus = f", {vm['cpus']}" if vm.get("cpus") else ""
+        out["vm"] = f"{vm.get('kernel')} ({vm.get('accel')}{cpus})"
     else:
         out["vm"] = "none (the host)"
     return out

@@ -15,9 +15,9 @@ from typing import Any
 
 from .. import __version__
 from ..kernel import abi
+from ..kernel.cpus import Topology
 from ..kernel.mount import mount_table
 from ..kernel.params import ENABLE_URING, IO_URING_DISABLED, read_param
-from ..layout import possible_cpu_ids
 from .lifecycle import REPO
 from .runs import RUN
 from .targets import CAPABILITIES, Target
@@ -71,15 +71,17 @@ def _filesystem_of(path: str) -> str:
 
 
 def collect(targets: list[Target] | None = None) -> dict[str, Any]:
-    cpus = possible_cpu_ids()
+    topo = Topology.read()
     scratch = tempfile.gettempdir()
     return {
         "kernel": os.uname().release,
         "fuse": _probe_init(),
         "enable_uring": read_param(ENABLE_URING) or "missing",
         "io_uring_disabled": read_param(IO_URING_DISABLED) or "missing",
-        "possible_cpus": len(cpus),
-        "possible_cpu_list": ",".join(map(str, cpus)),
+        "possible_cpus": len(topo.possible),
+        "possible_cpu_list": ",".join(map(str, topo.possible)),
+        # Which CPUs a ring queue exists for, and which can send requests.
+        "cpus": topo.as_dict(),
         "exporter": f"harness.exporter {__version__} ({git_revision()})",
         "scratch": f"{scratch} ({_filesystem_of(os.path.realpath(scratch))})",
         "targets": [t.describe() for t in targets or []],
@@ -98,11 +100,18 @@ def format_lines(fp: dict[str, Any]) -> list[str]:
         f"FUSE         -- {fuse_line}",
         f"IO_URING     -- enable_uring={fp['enable_uring']} "
         f"io_uring_disabled={fp['io_uring_disabled']}",
-        f"CPUS         -- {fp['possible_cpus']} possible ({fp['possible_cpu_list']})",
+        f"CPUS         -- {_cpus_line(fp)}",
         f"EXPORTER     -- {fp['exporter']}",
         f"SCRATCH      -- {fp['scratch']}",
         *(f"TARGET       -- {_target_line(t)}" for t in fp.get("targets", [])),
     ]
+
+
+def _cpus_line(fp: dict[str, Any]) -> str:
+    c = fp.get("cpus")
+    if not c:  # a report written before the topology was recorded
+        return f"{fp['possible_cpus']} possible ({fp['possible_cpu_list']})"
+    return f"possible {c['possible']}, present {c['present']}, online {c['online']}"
 
 
 def _target_line(t: dict[str, Any]) -> str:

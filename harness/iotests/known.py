@@ -32,7 +32,8 @@ one that now matches reports xpass and fails the run, so a fixed or newly
 broken target is noticed either way.  An entry marked `intermittent: true`
 (the difference depends on timing inside the target) reports pass when the
 instance matches.  `version` and `kernel` take a glob
-("7.2.*") or comparisons ("<7.3", ">=6.16,<7.0").
+("7.2.*") or comparisons ("<7.3", ">=6.16,<7.0"); `cpus` is all-online or
+some-offline, as the run found the machine's possible CPUs.
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..kernel.cpus import Topology
 from .context import Instance
 from .spec import SpecError, _Loader, line_of
 
-WHEN_KEYS = {"target", "version", "kernel"}
+WHEN_KEYS = {"target", "version", "kernel", "cpus"}
+# when: {cpus: ...}: the CPUs as the run found them (a VM booted with maxcpus=).
+CPU_STATES = {"all-online", "some-offline"}
 ENTRY_KEYS = {"instances", "reason", "upstream", "intermittent"}
 DEFECT_KEYS = {"instances", "transports", "iothreads", "reason", "signature", "evidence",
                "first-bad", "repro", "intermittent"}  # fmt: skip
@@ -136,9 +140,14 @@ class Environment:
     target: str
     version: str
     kernel: str = os.uname().release
+    cpus: str = field(
+        default_factory=lambda: "some-offline" if Topology.read().offline else "all-online"
+    )
 
     def matches(self, when: dict[str, str]) -> bool:
         if "target" in when and when["target"] != self.target:
+            return False
+        if "cpus" in when and when["cpus"] != self.cpus:
             return False
         if "version" in when and not version_matches(self.version, when["version"]):
             return False
@@ -254,6 +263,8 @@ def _when(when: Any, fail: Any, line: int) -> dict[str, str]:
                 version_matches("0", out[k])
             except ValueError as e:
                 raise fail(line, f"when.{k}: {e}") from None
+    if out.get("cpus", "all-online") not in CPU_STATES:
+        raise fail(line, f"when.cpus: one of {', '.join(sorted(CPU_STATES))}")
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,10 +18,26 @@ from pathlib import Path
 
 from ..lifecycle import REPO
 from .kernels import KernelError, resolve
-from .run import run_check
+from .run import VmCpus, run_check
 
 # tools/check options that select the VM, not the run inside it (value-taking).
-HOST_ONLY = {"--kernel", "--kernels", "--accel", "--results", "--timeout-scale"}
+HOST_ONLY = {
+    "--kernel", "--kernels", "--accel", "--results", "--timeout-scale", "--cpus", "--max-cpus",
+}  # fmt: skip
+# 7.3@2/4: kernel 7.3 with 2 online CPUs of 4 possible; 7.3@4: 4 of 4.
+_VARIANT = re.compile(r"(?P<kernel>.+)@(?P<cpus>[0-9]+(/[0-9]+)?)")
+
+
+def split_variant(item: str, default: VmCpus | None) -> tuple[str, VmCpus | None]:
+    """'7.3@2/4' -> ('7.3', 2 of 4); '7.3' -> ('7.3', default).  ValueError
+    for a topology that cannot be."""
+    m = _VARIANT.fullmatch(item)
+    if m is None:
+        return item, default
+    try:
+        return m["kernel"], VmCpus.parse(m["cpus"])
+    except ValueError as e:
+        raise ValueError(f"{item}: {e}") from None
 
 
 def guest_args(argv: list[str]) -> list[str]:
@@ -44,17 +61,23 @@ def check_on_kernels(
     accel: str,
     timeout_scale: float | None,
     results: Path | None,
+    cpus: VmCpus | None = None,
 ) -> int:
     try:  # a bad --kernel is one line before anything is installed or booted
-        resolved = [resolve(k) for k in kernels]
-    except KernelError as e:
+        variants = [split_variant(k, cpus) for k in kernels]
+        resolved = [resolve(k) for k, _ in variants]
+    except (KernelError, ValueError) as e:
         print(f"check: {e}", file=sys.stderr)
         return 1
     setup = subprocess.run([str(REPO / "tools" / "setup-vm")], stdout=sys.stderr)
     if setup.returncode != 0:  # idempotent: quick when done
         print("check: tools/setup-vm failed", file=sys.stderr)
         return 1
-    labels = [k.label for k in resolved]
+    # A topology other than the default is part of the label: 7.3@2/4.
+    labels = [
+        k.label if c is None else f"{k.label}@{c.spelling}"
+        for k, (_, c) in zip(resolved, variants, strict=True)
+    ]
     twice = sorted({lb for lb in labels if labels.count(lb) > 1})
     if twice:  # each kernel's results have a directory of that name
         print(f"check: --kernels names {', '.join(twice)} twice", file=sys.stderr)
@@ -73,12 +96,12 @@ def check_on_kernels(
         )
     }
     codes = {}
-    for k in resolved:
-        where = base if len(resolved) == 1 else base / f"kernel-{k.label}"
-        rec = run_check(k, guest_args(argv), where, accel, timeout_scale, env)
-        codes[k.label] = rec.exit_code if rec.booted else None
+    for k, (_, c), label in zip(resolved, variants, labels, strict=True):
+        where = base if len(resolved) == 1 else base / f"kernel-{_dir_name(label)}"
+        rec = run_check(k, guest_args(argv), where, accel, timeout_scale, env, cpus=c)
+        codes[label] = rec.exit_code if rec.booted else None
     if len(resolved) > 1:
-        print_matrix(base, [k.label for k in resolved])
+        print_matrix(base, labels)
     return 0 if all(c == 0 for c in codes.values()) else 1
 
 
@@ -86,7 +109,7 @@ def print_matrix(base: Path, labels: list[str]) -> None:
     """instance x kernel -> status, from each run's report.json."""
     status: dict[str, dict[str, str]] = {}
     for label in labels:
-        report = base / f"kernel-{label}" / "report.json"
+        report = base / f"kernel-{_dir_name(label)}" / "report.json"
         if not report.exists():
             continue
         for r in json.loads(report.read_text())["results"]:
@@ -101,3 +124,8 @@ def print_matrix(base: Path, labels: list[str]) -> None:
     for inst in sorted(status):
         row = [status[inst].get(lb, "-") for lb in labels]
         print(f"{inst:<{width}}  " + "  ".join(f"{s:<{w}}" for s, w in zip(row, cols, strict=True)))
+
+
+def _dir_name(label: str) -> str:
+    """7.3.4@2/4 -> 7.3.4@2of4: a label as a directory name."""
+    return label.replace("/", "of")

@@ -38,7 +38,57 @@ KVM_PROBE = 60.0  # a boot that works takes ~10 s; a paravirtual KVM hangs (scal
 BOOT_BOUND = 600.0  # from starting QEMU to the guest's first line (~20 s under TCG)
 IDLE_BOUND = 1800.0  # between two lines of the guest's run (an instance under TCG)
 EXIT_BOUND = 60.0  # from the end of the guest's output to QEMU's exit
+MAX_CPUS = 64  # what a TCG guest on a small host still boots in its bound
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class VmCpus:
+    """The guest's CPUs: `online` of them up at boot, `possible` in all.
+
+    QEMU's -smp N,maxcpus=M gives a virtme-ng guest M possible CPUs only
+    as hotplug slots its kernel does not count, so M CPUs are booted with
+    the kernel option maxcpus=N instead: all M possible and present, N
+    online, the rest brought up by writing cpuN/online."""
+
+    online: int = 2
+    possible: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.online <= self.possible <= MAX_CPUS:
+            raise ValueError(
+                f"CPUs: {self.online} online of {self.possible} possible "
+                f"(needs 1 <= online <= possible <= {MAX_CPUS})"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> VmCpus:
+        """'2/4' (2 online of 4 possible) or '4' (4 of 4)."""
+        online, _, possible = text.partition("/")
+        if not online.isdigit() or not (possible or online).isdigit():
+            raise ValueError(f"CPUs {text!r}: not N or N/M (2/4: 2 online of 4 possible)")
+        return cls(int(online), int(possible or online))
+
+    @property
+    def spelling(self) -> str:
+        """As --kernels takes it: '2/4', '2'."""
+        return (
+            str(self.online) if self.online == self.possible else f"{self.online}/{self.possible}"
+        )
+
+    @property
+    def label(self) -> str:
+        """For directory names: '2of4'."""
+        return (
+            str(self.online) if self.online == self.possible else f"{self.online}of{self.possible}"
+        )
+
+    def describe(self) -> str:
+        return f"{self.online} online of {self.possible} possible CPUs"
+
+    def vng_args(self) -> list[str]:
+        extra = ["--append", f"maxcpus={self.online}"] if self.online < self.possible else []
+        return ["--cpus", str(self.possible), *extra]
 
 
 @dataclass
@@ -50,6 +100,7 @@ class VmRun:
     release: str
     accel: str
     command: list[str]
+    cpus: str = ""  # VmCpus.describe()
     booted: bool = False
     boot_s: float | None = None  # start -> the guest's first line
     total_s: float = 0.0
@@ -58,8 +109,11 @@ class VmRun:
     notes: list[str] = field(default_factory=list)
 
 
-def vng_argv(kernel: Kernel, accel: str, command: str, rwdirs: list[Path]) -> list[str]:
-    argv = [str(VNG), "--force-9p", "-r", str(kernel.boot), "--cpus", "2", "--memory", "2G"]
+def vng_argv(
+    kernel: Kernel, accel: str, command: str, rwdirs: list[Path], cpus: VmCpus | None = None
+) -> list[str]:
+    argv = [str(VNG), "--force-9p", "-r", str(kernel.boot), *(cpus or VmCpus()).vng_args()]
+    argv += ["--memory", "2G"]
     for d in rwdirs:
         argv += ["--rwdir", str(d)]
     if accel == "tcg":
@@ -140,6 +194,7 @@ def run_check(
     timeout_scale: float | None,
     env: dict[str, str],
     out: TextIO = sys.stdout,
+    cpus: VmCpus | None = None,
 ) -> VmRun:
     """Boot kernel, run tools/check check_args in it (results in results/),
     stream its lines to out; the record is written to results/vm.json."""
@@ -156,9 +211,14 @@ def run_check(
     ]  # fmt: skip
     command = f"cd {_quote(str(REPO))} && exec " + " ".join(map(_quote, guest))
     rwdirs = [REPO] if results.resolve().is_relative_to(REPO) else [REPO, results.resolve()]
-    argv = vng_argv(kernel, chosen, command, rwdirs)
-    record = VmRun(kernel.name, str(kernel.boot), kernel.release, chosen, argv)
-    print(f"VM: booting {kernel.name} ({kernel.boot.name}, {chosen}) ...", file=out, flush=True)
+    cpus = cpus or VmCpus()
+    argv = vng_argv(kernel, chosen, command, rwdirs, cpus)
+    record = VmRun(kernel.name, str(kernel.boot), kernel.release, chosen, argv, cpus.describe())
+    print(
+        f"VM: booting {kernel.name} ({kernel.boot.name}, {chosen}, {cpus.describe()}) ...",
+        file=out,
+        flush=True,
+    )
     t0 = time.monotonic()
     with _private_tmp() as tmp:
         _boot(argv, tmp, record, t0, results, out)
