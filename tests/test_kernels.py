@@ -140,3 +140,28 @@ def test_the_vm_command() -> None:
     assert "--disable-kvm" in argv and ["--rwdir", str(REPO)] == argv[8:10]
     assert argv[-2:] == ["--exec", "true"]
     assert "--disable-kvm" not in vng_argv(k, "kvm", "true", [])
+
+
+def test_a_kept_instance_directory_crosses_file_systems_without_its_sockets(
+    tmp_path: Path,
+) -> None:
+    """A VM's instance directory moves from its /tmp to the results over 9p:
+    copied, less the QMP socket a killed daemon left (copying one fails)."""
+    import shutil
+    import socket
+    import tempfile
+
+    from harness.iotests.runner import _keep
+
+    src = Path(tempfile.mkdtemp(dir="/dev/shm"))  # tmpfs: another file system
+    try:
+        (src / "export0").mkdir()
+        (src / "export0" / "export.stderr").write_text("daemon said\n")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(src / "export0" / "qmp.sock"))
+        _keep(src, tmp_path / "kept")
+        assert (tmp_path / "kept" / "export0" / "export.stderr").read_text() == "daemon said\n"
+        assert not (tmp_path / "kept" / "export0" / "qmp.sock").exists()
+        assert not src.exists()
+    finally:
+        shutil.rmtree(src, ignore_errors=True)

@@ -10,8 +10,10 @@ run on every path: pass, fail, timeout and Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -252,11 +254,30 @@ def run_instance(spec: CaseSpec, inst: Instance, opts: RunOptions) -> Result:
         kept = opts.results_dir / safe
         shutil.rmtree(kept, ignore_errors=True)
         opts.results_dir.mkdir(parents=True, exist_ok=True)
-        shutil.move(workdir, kept)
+        _keep(workdir, kept)
         result.reason += f"\n(instance directory kept: {kept})"
     else:
         result.reason += f"\n(instance directory kept: {workdir})"
     return result
+
+
+def _keep(workdir: Path, kept: Path) -> None:
+    """Move an instance directory into the results.  Across file systems
+    (a VM's /tmp to the repository over 9p) it is copied, without the
+    sockets a killed daemon left (QMP): they cannot be copied, and mean
+    nothing once their process is gone."""
+    try:
+        workdir.rename(kept)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+
+    def sockets(d: str, names: list[str]) -> list[str]:
+        return [n for n in names if stat.S_ISSOCK(os.lstat(os.path.join(d, n)).st_mode)]
+
+    shutil.copytree(workdir, kept, symlinks=True, ignore=sockets)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _apply_known(result: Result, opts: RunOptions) -> None:
