@@ -11,16 +11,7 @@ thread registers entries on every ring queue.
 
 from __future__ import annotations
 
-
-def parse_cpu_list(text: str) -> list[int]:
-    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]"""
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus
+from .kernel.cpus import parse_cpu_list
 
 
 def possible_cpu_ids(path: str = "/sys/devices/system/cpu/possible") -> list[int]:

@@ -18,9 +18,18 @@ import errno
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layout import parse_cpu_list
-
 SYSFS = Path("/sys/devices/system/cpu")
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]"""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def format_cpu_list(cpus: list[int] | tuple[int, ...]) -> str:

@@ -63,7 +63,7 @@ def _observe(s: Session, what: str) -> None:
 
 @step("route", {"length": (size, False)}, export=True)
 def _route(s: Session, a: dict[str, Any]) -> None:
-    """From each online CPU in turn, a client pinned there writes and reads; each CPU's one ring."""
+    """From each online CPU, a pinned client writes and reads back; over io_uring, by one ring."""
     exp = s.need_exporter()
     length = a.get("length", 4096)
     online = cpus.Topology.read().online
@@ -89,7 +89,7 @@ def _route(s: Session, a: dict[str, Any]) -> None:
         served = sorted(
             s.kernel.name(r.key) for r in after.fuse_rings if r.completed > before.get(r.key, 0)
         )
-        if len(served) != 1:
+        if exp.wants_ring and len(served) != 1:
             rings = ", ".join(f"ring {n}" for n in served) or "no ring"
             problems.append(f"CPU {cpu}: served by {rings}")
         s.kernel.last = after
@@ -101,4 +101,5 @@ def _route(s: Session, a: dict[str, Any]) -> None:
     for line in problems:
         s.log(f"route: {line}")
     if not problems:
-        s.log("route: every online CPU served, each by one ring, data intact")
+        # The same line over /dev/fuse, where no ring is there to check.
+        s.log("route: every online CPU served, data intact")
