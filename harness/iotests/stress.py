@@ -161,6 +161,8 @@ def repeat_runs(n: int, check_args: list[str], uring: bool) -> int:
     loops = busy_loops(2)
     try:
         for i in range(1, n + 1):
+            if i > 1:
+                _print_outcomes(seen)  # so far: Ctrl-C loses nothing seen
             with tempfile.TemporaryDirectory(prefix="stress-repeat.") as d:
                 t0 = time.monotonic()
                 res = subprocess.run(
@@ -181,10 +183,15 @@ def repeat_runs(n: int, check_args: list[str], uring: bool) -> int:
                   f"({time.monotonic() - t0:.0f} s)", flush=True)  # fmt: skip
     finally:
         stop(loops)
+    _print_outcomes(seen)
+    return sum(len(c) > 1 for c in seen.values())
+
+
+def _print_outcomes(seen: dict[str, Counter[str]]) -> None:
     for inst, counts in seen.items():
         kinds = "; ".join(f"{k} x{v}" for k, v in counts.most_common())
         print(f"{inst}: {len(counts)} outcome(s) in {sum(counts.values())} runs: {kinds}")
-    return sum(len(c) > 1 for c in seen.values())
+    print(flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
