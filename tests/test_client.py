@@ -1,4 +1,4 @@
-"""The one-shot client's idle mode, and how tools/stress --repeat tells outcomes apart."""
+"""The idle client, tools/stress --repeat's outcomes, and whose verdict a hang gets."""
 
 from __future__ import annotations
 
@@ -44,3 +44,18 @@ def test_repeat_outcomes() -> None:
     assert (
         outcome({"status": "not run", "reason": "no io-uring=auto"}) == "not run: no io-uring=auto"
     )
+
+
+def test_a_wait_that_ran_out_first_gives_the_verdict(tmp_path: Path) -> None:
+    """The runner's own timeout must not cut short the report of a bounded
+    wait that already gave up (gdb on a loaded machine is slow): under load
+    the same hang would otherwise be two outcomes."""
+    import time
+
+    from harness.iotests.context import CaseContext, Instance
+    from harness.iotests.runner import _run_with_timeout
+
+    ctx = CaseContext(Instance("demo", "fuse", "legacy"), tmp_path)
+    ctx.diagnose(lambda: time.sleep(1.0) or "slow report")
+    error, _ = _run_with_timeout(lambda: ctx.wait(lambda: False, "never", 0.2), ctx, 0.5)
+    assert error.startswith("bounded wait: timed out after 0.2s waiting for never\nslow report")
