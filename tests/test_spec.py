@@ -23,6 +23,9 @@ steps:
 """
 
 
+CASES = Path(__file__).resolve().parent.parent / "cases"
+
+
 def write_case(tmp_path: Path, text: str, name: str = "demo") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
@@ -255,6 +258,19 @@ def test_each_instance_has_a_plan_of_typed_steps(tmp_path: Path) -> None:
     assert plan.steps[0].value == {"offset": 0, "length": 4096, "pattern": 0xAB}
     assert plan.requires == {"root": True, "dev-fuse": True}
     assert spec.plan(inst.on("qsd")) is plan  # the same plan on any target
+
+
+def test_enable_uring_n_needs_no_ring_in_the_kernel() -> None:
+    """A kernel without FUSE-over-io_uring has the ring off: enable_uring=N
+    is met there, and io-uring=on under it is to be refused, so it needs no
+    usable ring; Y needs a kernel that has one."""
+    spec = load_spec(CASES / "negotiation-disabled.yaml")
+    for inst in spec.instances():
+        req = spec.plan(inst).requires
+        assert req.get("uring-off") and "uring" not in req and "kernel-uring" not in req
+    spec = load_spec(CASES / "negotiation-off.yaml")
+    by_value = {dict(i.params)["enable_uring"]: spec.plan(i).requires for i in spec.instances()}
+    assert by_value["Y"].get("kernel-uring") and "kernel-uring" not in by_value["N"]
 
 
 BACKGROUND = "  - background: {name: b, op: pread, offset: 0, length: 4k}\n"

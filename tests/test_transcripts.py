@@ -38,6 +38,11 @@ FILTER_CASES = [
     ("client: error ECONNABORTED", "client: error ENOTCONN|ECONNABORTED"),
     ("client: error ENOTCONN", "client: error ENOTCONN|ECONNABORTED"),
     (
+        "c: read error ECONNABORTED, close error ENOTCONN",
+        "c: read error ENOTCONN|ECONNABORTED, close error ENOTCONN|ECONNABORTED",
+    ),
+    ("c: read ok 4096, close ok", "c: read ok 4096, close ok"),
+    (
         "kernel offers: ASYNC_READ POSIX_LOCKS INIT_EXT SOME_FUTURE_FLAG OVER_IO_URING",
         "kernel offers: ASYNC_READ INIT_EXT OVER_IO_URING",
     ),

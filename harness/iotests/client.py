@@ -5,6 +5,10 @@
 Used where the test process itself must not block: a request held by fault
 injection, or I/O pinned to a CPU.  It prints "ok VALUE" or "error ERRNAME"
 and exits 0 either way; only bad usage exits non-zero.
+
+`idle` is the open client of a teardown: it opens PATH, prints "open" and
+keeps the file open, with no request in flight, until its stdin closes;
+then it reads 4 KiB at offset 0 and closes, and prints what both returned.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..kernel.errnos import errno_name
@@ -24,7 +29,25 @@ from .timeouts import scaled
 
 SEEK = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE}
 KILL_WAIT = 10.0  # a killed client exits at once; scaled
-OPS = ("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat")
+OPS = ("pread", "pwrite", "fsync", "truncate", "fallocate", "lseek", "stat", "idle")
+IDLE_READ = 4096
+
+
+def _outcome(call: Callable[[], object]) -> str:
+    try:
+        return f"ok {call()}".rstrip()
+    except OSError as e:
+        return f"error {errno_name(e.errno or 0)}"
+
+
+def idle(path: str) -> str:
+    """Open, stay idle until stdin ends, then one read and the close."""
+    fd = os.open(path, os.O_RDONLY)
+    print("open", flush=True)
+    sys.stdin.read()
+    read = _outcome(lambda: len(os.pread(fd, IDLE_READ, 0)))
+    # close(2) sends FLUSH, which a dead connection may fail: it is reported
+    return f"read {read}, close {_outcome(lambda: os.close(fd) or '')}"
 
 
 def run(op: str, path: str, args: list[int]) -> str:
@@ -69,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cpu is not None:
         os.sched_setaffinity(0, {ns.cpu})
     try:
-        print(f"ok {run(ns.op, ns.path, ns.args)}", flush=True)
+        done = idle(ns.path) if ns.op == "idle" else f"ok {run(ns.op, ns.path, ns.args)}"
+        print(done, flush=True)
     except OSError as e:
         print(f"error {errno_name(e.errno or 0)}", flush=True)
     return 0
 
 
 def start_client(
-    op: str, path: Path, *args: int | str, cpu: int | None = None
+    op: str, path: Path, *args: int | str, cpu: int | None = None, stdin: int = subprocess.DEVNULL
 ) -> subprocess.Popen[str]:
     """`python -m harness.iotests.client [--cpu CPU] OP PATH ARGS...`, output piped."""
     from . import runs  # not needed by the child itself
@@ -89,7 +113,7 @@ def start_client(
     return runs.spawn(
         argv,
         cwd=REPO,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -106,14 +130,26 @@ class ClientPool:
         self._lock = threading.Lock()  # a cleanup sees every client spawned
 
     def spawn(
-        self, op: str, path: Path, *args: int | str, cpu: int | None = None
+        self,
+        op: str,
+        path: Path,
+        *args: int | str,
+        cpu: int | None = None,
+        stdin: int = subprocess.DEVNULL,
     ) -> subprocess.Popen[str]:
         with self._lock:
             if self.closed:
                 raise RuntimeError("client pool already cleaned up")
-            p = start_client(op, path, *args, cpu=cpu)
+            p = start_client(op, path, *args, cpu=cpu, stdin=stdin)
             self.procs.append(p)
             return p
+
+    @staticmethod
+    def go_on(p: subprocess.Popen[str]) -> None:
+        """Let an idle client go on: its stdin ends."""
+        if p.stdin is not None:
+            p.stdin.close()
+            p.stdin = None  # communicate() would flush it
 
     @staticmethod
     def result(p: subprocess.Popen[str], timeout: float | None = None) -> str:

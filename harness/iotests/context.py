@@ -83,6 +83,8 @@ class CaseContext:
         self.cancel_reason = ""
         self._cancelled = threading.Event()
         self.budget: Budget | None = None
+        # Set once something ran out and gathers the report (see runner).
+        self.reporting = threading.Event()
 
     def cancel(self, reason: str) -> None:
         """Stop the case thread at its next step (set before running cleanups,
@@ -131,6 +133,7 @@ class CaseContext:
         self.diagnostics.append(fn)
 
     def report(self) -> str:
+        self.reporting.set()
         parts = []
         for fn in self.diagnostics:
             try:

@@ -90,8 +90,10 @@ def compile_plan(
     # Per instance, from what its exports ask for: io-uring on needs the
     # ring; auto takes it where the kernel has it and falls back where not
     # (the path to test there); off needs /dev/fuse only.
+    # With enable_uring=N (kernel-param) an export that asks for the ring
+    # is to be refused: it needs no ring, not even a kernel that has one.
     modes = {s["io-uring"] for s in export_settings(settings, steps)}
-    if "on" in modes:
+    if "on" in modes and not req.get("uring-off"):
         req["uring"] = True
     elif "auto" in modes:
         req.setdefault("uring-if-available", True)

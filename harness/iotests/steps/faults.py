@@ -2,12 +2,16 @@
 
 A background client is a one-shot process that may block in the kernel
 (a request held by a hold rule); `wait` collects what its syscall returned.
+An idle client (`open-idle`) holds the target open with nothing in flight
+until `wait` lets it read once and close.
 hold / fail / delay / wait-held / release drive the exporter's fault
 injection over QMP (x-inject-fault).
 """
 
 from __future__ import annotations
 
+import select
+import subprocess
 from typing import Any
 
 from ...options import choice, positive
@@ -54,10 +58,27 @@ def _background(s: Session, a: dict[str, Any]) -> None:
     s.log(f"{a['name']}: started {a['op']} {' '.join(shown)}".rstrip())
 
 
+@step("open-idle", scalar=text, export=True, metavar="NAME", defines=NameUse("client"))
+def _open_idle(s: Session, name: str) -> None:
+    """Start a client that opens the target and keeps it open, idle; see wait."""
+    p = s.clients.spawn("idle", s.target, cpu=s.cpu, stdin=subprocess.PIPE)
+    s.background[name] = p
+    assert p.stdout is not None
+    out = p.stdout
+    # "open", or the error its open(2) got (the client then exits)
+    line = s.wait(
+        lambda: select.select([out], [], [], 0)[0] and (out.readline().strip() or "exited"),
+        f"idle client {name} to open the target",
+    )
+    s.log(f"{name}: {line}")
+
+
 @step("wait", scalar=text, metavar="NAME", refers=NameUse("client", consumes=True))
 def _wait(s: Session, name: str) -> None:
-    """Wait (bounded) for a background client; print what its syscall returned."""
+    """Wait (bounded) for a background client; print what its syscall returned.
+    An idle client now reads 4 KiB at offset 0 and closes; both are printed."""
     p = s.background.pop(name)
+    ClientPool.go_on(p)
     s.wait(lambda: p.poll() is not None, f"background client {name}")
     s.log(f"{name}: {ClientPool.result(p)}")
 

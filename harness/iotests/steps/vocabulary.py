@@ -248,7 +248,6 @@ class StepDef:
     # What it needs of the target and of the machine.
     needs: frozenset[str] = frozenset()  # target capabilities (targets.CAPABILITIES)
     tools: tuple[str, ...] = ()  # external programs (TOOLS)
-    kernel_uring: bool = False  # the kernel must have FUSE-over-io_uring (enable_uring)
     requires: Callable[[Any], dict[str, Any]] | None = None  # from the argument (pin: cpus)
     check: Callable[[Any], None] | None = None  # more checks of the converted argument
 
@@ -269,8 +268,6 @@ class StepDef:
     def requirements(self, value: Any) -> dict[str, Any]:
         """What running this step (with this argument) requires of the machine."""
         req: dict[str, Any] = {tool: True for tool in self.tools}
-        if self.kernel_uring:
-            req["kernel-uring"] = True
         if self.requires is not None:
             req.update(self.requires(value))
         return req
@@ -292,8 +289,6 @@ class StepDef:
             out.append(f"refers to a {self.refers.kind}")
         out += [f"needs {n}" for n in sorted(self.needs)]
         out += [f"runs {t}" for t in self.tools]
-        if self.kernel_uring:
-            out.append("needs enable_uring")
         return out
 
 
