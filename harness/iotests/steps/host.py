@@ -92,29 +92,24 @@ def _set_cpu(s: Session, ref: CpuRef, online: bool) -> None:
     s.log(f"CPU {ref}: {'online' if online else 'offline'}")
 
 
-@step(
-    "cpu-offline",
-    scalar=cpu_ref,
-    metavar="CPU",
-    fuse=True,
-    serial=True,
-    in_cycles=False,
-    requires=_hotplug_requires,
-)
+# The two hotplug steps differ only in direction.
+_HOTPLUG: dict[str, Any] = {
+    "scalar": cpu_ref,
+    "metavar": "CPU",
+    "fuse": True,
+    "serial": True,
+    "in_cycles": False,
+    "requires": _hotplug_requires,
+}
+
+
+@step("cpu-offline", **_HOTPLUG)
 def _cpu_offline(s: Session, ref: CpuRef) -> None:
     """Take a CPU offline (tasks on it move); put back as found after the instance."""
     _set_cpu(s, ref, online=False)
 
 
-@step(
-    "cpu-online",
-    scalar=cpu_ref,
-    metavar="CPU",
-    fuse=True,
-    serial=True,
-    in_cycles=False,
-    requires=_hotplug_requires,
-)
+@step("cpu-online", **_HOTPLUG)
 def _cpu_online(s: Session, ref: CpuRef) -> None:
     """Bring a CPU online; put back as found after the instance."""
     _set_cpu(s, ref, online=True)
