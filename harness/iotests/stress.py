@@ -1,7 +1,7 @@
 """tools/stress: the suite under load, and runs interrupted at random moments.
 
     tools/stress [--runs N] [--interrupts N] [--seed S]
-    tools/stress --repeat N [--target T] [--uring] INSTANCE...
+    tools/stress --repeat N [--target T] [--uring] [--keep DIR] INSTANCE...
 
 1. N times `pytest -n 2` with two busy CPU loops beside it (default 20):
    every failure is a flake to fix at its cause.
@@ -15,7 +15,9 @@
 beside it, then per instance the outcomes seen and how often: "pass", or a
 failure's status, known entry and signature (harness.iotests.signature), so
 a listed defect that hangs the same way every time is one outcome too.
-Exits 1 when an instance had more than one.
+Exits 1 when an instance had more than one.  --keep DIR keeps each run's
+results directory as DIR/run-K, so a rare outcome can be read afterwards;
+INSTANCE may be any of tools/check's selectors after `--` (`-- -g race -j 2`).
 
 Not part of .ci/run (it takes about half an hour); docs/running.md has its
 last result.
@@ -154,7 +156,7 @@ def outcome(result: dict[str, Any]) -> str:
     return " ".join(filter(None, (status, f"({entry})" if entry else "", text)))
 
 
-def repeat_runs(n: int, check_args: list[str], uring: bool) -> int:
+def repeat_runs(n: int, check_args: list[str], uring: bool, keep: Path | None = None) -> int:
     """n check runs beside two busy loops; the instances with more than one outcome."""
     seen: dict[str, Counter[str]] = {}
     env = {**child_env(), "FUSE_OVER_IO_URING": "1" if uring else "0"}
@@ -163,7 +165,8 @@ def repeat_runs(n: int, check_args: list[str], uring: bool) -> int:
         for i in range(1, n + 1):
             if i > 1:
                 _print_outcomes(seen)  # so far: Ctrl-C loses nothing seen
-            with tempfile.TemporaryDirectory(prefix="stress-repeat.") as d:
+            with tempfile.TemporaryDirectory(prefix="stress-repeat.") as tmp:
+                d = str(keep / f"run-{i}") if keep is not None else tmp
                 t0 = time.monotonic()
                 res = subprocess.run(
                     [str(REPO / "tools/check"), "-fuse", "--results", d, *check_args],
@@ -202,17 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, metavar="N", help="run INSTANCEs N times instead")
     p.add_argument("--target", help="with --repeat: tools/check's --target")
     p.add_argument("--uring", action="store_true", help="with --repeat: over io_uring")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="with --repeat: keep runs in DIR")
     p.add_argument("instances", nargs="*", metavar="INSTANCE", help="with --repeat")
     ns = p.parse_args(argv)
     if ns.repeat is not None:
         if ns.repeat < 1 or not ns.instances:
             p.error("--repeat needs a positive N and at least one instance")
+        if ns.keep is not None and ns.keep.exists() and any(ns.keep.iterdir()):
+            p.error(f"--keep {ns.keep}: not an empty directory")
         target = ["--target", ns.target] if ns.target else []
-        varied = repeat_runs(ns.repeat, [*target, *ns.instances], ns.uring)
+        varied = repeat_runs(ns.repeat, [*target, *ns.instances], ns.uring, ns.keep)
         print(f"repeat: {varied} instance(s) with more than one outcome")
         return 1 if varied else 0
-    if ns.instances or ns.target or ns.uring:
-        p.error("INSTANCE, --target and --uring go with --repeat")
+    if ns.instances or ns.target or ns.uring or ns.keep:
+        p.error("INSTANCE, --target, --uring and --keep go with --repeat")
     seed = ns.seed if ns.seed is not None else random.randrange(1 << 32)
     print(f"stress: seed {seed}", flush=True)
     failed_runs = pytest_runs(ns.runs) if ns.runs else 0
