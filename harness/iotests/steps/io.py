@@ -22,18 +22,17 @@ from .vocabulary import FALLOC_MODES, falloc_mode, pattern, region_list, size, s
 def _timed(s: Session, flags: int, what: str, io: Callable[[int], int]) -> tuple[int, float] | None:
     """One syscall on the target, timed: (its result, seconds), or None when
     open or the call failed (logged as qemu-io words it)."""
-    fd = s.open(flags, what)
-    if fd is None:
-        return None
-    try:
-        t0 = time.monotonic()
-        n = io(fd)
-        return n, time.monotonic() - t0
-    except OSError as e:
-        s.log(f"{what} failed: {describe(e)}")
-        return None
-    finally:
-        os.close(fd)
+
+    def timed(fd: int) -> tuple[int, float] | None:
+        try:
+            t0 = time.monotonic()
+            n = io(fd)
+            return n, time.monotonic() - t0
+        except OSError as e:
+            s.log(f"{what} failed: {describe(e)}")
+            return None
+
+    return s.on_target(flags, what, timed)
 
 
 @step(
@@ -85,16 +84,15 @@ def _disk_usage(s: Session, _: None) -> None:
 @step("truncate", scalar=size, metavar="SIZE")
 def _truncate(s: Session, length: int) -> None:
     """ftruncate(2) the target to a size."""
-    fd = s.open(os.O_RDWR, f"truncate {length}")
-    if fd is None:
-        return
-    try:
-        os.ftruncate(fd, length)
-        s.log(f"truncate {length}: ok")
-    except OSError as e:
-        s.log(f"truncate {length}: {errno_name(e.errno or 0)}")
-    finally:
-        os.close(fd)
+
+    def truncate(fd: int) -> None:
+        try:
+            os.ftruncate(fd, length)
+            s.log(f"truncate {length}: ok")
+        except OSError as e:
+            s.log(f"truncate {length}: {errno_name(e.errno or 0)}")
+
+    s.on_target(os.O_RDWR, f"truncate {length}", truncate)
 
 
 @step(
@@ -108,16 +106,15 @@ def _fallocate(s: Session, a: dict[str, Any]) -> None:
     for part in filter(None, mode_s.split(",")):
         mode |= FALLOC_MODES[part]
     what = f"fallocate {mode_s or 'default'} {a['offset']}+{a['length']}"
-    fd = s.open(os.O_RDWR, what)
-    if fd is None:
-        return
-    try:
-        fallocate(fd, mode, a["offset"], a["length"])
-        s.log(f"{what}: ok")
-    except OSError as e:
-        s.log(f"{what}: {errno_name(e.errno or 0)}")
-    finally:
-        os.close(fd)
+
+    def allocate(fd: int) -> None:
+        try:
+            fallocate(fd, mode, a["offset"], a["length"])
+            s.log(f"{what}: ok")
+        except OSError as e:
+            s.log(f"{what}: {errno_name(e.errno or 0)}")
+
+    s.on_target(os.O_RDWR, what, allocate)
 
 
 WHENCE = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE, "set": os.SEEK_SET, "end": os.SEEK_END}
@@ -126,26 +123,22 @@ WHENCE = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE, "set": os.SEEK_SET, "end":
 @step("lseek", {"offset": (size, True), "whence": (choice(*WHENCE), True)})
 def _lseek(s: Session, a: dict[str, Any]) -> None:
     """lseek(2) with SEEK_DATA/SEEK_HOLE/SEEK_SET/SEEK_END; print the result or errno."""
-    fd = s.open(os.O_RDONLY, f"lseek {a['whence']} {a['offset']}")
-    if fd is None:
-        return
-    try:
-        s.log(
-            f"lseek {a['whence']} {a['offset']}: {os.lseek(fd, a['offset'], WHENCE[a['whence']])}"
-        )
-    except OSError as e:
-        s.log(f"lseek {a['whence']} {a['offset']}: {errno_name(e.errno or 0)}")
-    finally:
-        os.close(fd)
+    what = f"lseek {a['whence']} {a['offset']}"
+
+    def seek(fd: int) -> None:
+        try:
+            s.log(f"{what}: {os.lseek(fd, a['offset'], WHENCE[a['whence']])}")
+        except OSError as e:
+            s.log(f"{what}: {errno_name(e.errno or 0)}")
+
+    s.on_target(os.O_RDONLY, what, seek)
 
 
 @step("map")
 def _map(s: Session, _: None) -> None:
     """Print the data/hole map from SEEK_DATA/SEEK_HOLE, like qemu-img map."""
-    fd = s.open(os.O_RDONLY, "map")
-    if fd is None:
-        return
-    try:
+
+    def walk(fd: int) -> None:
         end = os.fstat(fd).st_size
         pos = 0
         while pos < end:
@@ -162,8 +155,8 @@ def _map(s: Session, _: None) -> None:
             hole = os.lseek(fd, data, os.SEEK_HOLE)
             s.log(f"data {data}+{hole - data}")
             pos = hole
-    finally:
-        os.close(fd)
+
+    s.on_target(os.O_RDONLY, "map", walk)
 
 
 STAT_FIELDS = ("size", "mode", "blocks", "blksize", "nlink")
@@ -195,17 +188,17 @@ def _stat(s: Session, fields: list[str] | None) -> None:
 @step("fsync")
 def _fsync(s: Session, _: None) -> None:
     """fsync(2) the target."""
-    fd = s.open(os.O_RDWR, "fsync")
-    if fd is None:
-        return
+
+    def sync(fd: int) -> None:
+        try:
+            os.fsync(fd)
+            s.log("fsync: ok")
+        except OSError as e:
+            s.log(f"fsync: {errno_name(e.errno or 0)}")
+
     try:
-        os.fsync(fd)
-        s.log("fsync: ok")
-    except OSError as e:
-        s.log(f"fsync: {errno_name(e.errno or 0)}")
-    try:  # close sends FUSE_FLUSH, which an export may fail as well
-        os.close(fd)
-    except OSError as e:
+        s.on_target(os.O_RDWR, "fsync", sync)
+    except OSError as e:  # the close sends FUSE_FLUSH, which an export may fail as well
         s.log(f"close: {errno_name(e.errno or 0)}")
 
 

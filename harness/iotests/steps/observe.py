@@ -7,6 +7,7 @@ request, the transport and the requests the kernel waits for are read from
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ...kernel import cpus
@@ -93,11 +94,13 @@ def _route(s: Session, a: dict[str, Any]) -> None:
             rings = ", ".join(f"ring {n}" for n in served) or "no ring"
             problems.append(f"CPU {cpu}: served by {rings}")
         s.kernel.last = after
-    with open(s.target, "rb", buffering=0) as f:
+
+    def read_back(fd: int) -> None:
         for cpu in online:
-            f.seek(cpu * length)
-            if f.read(length) != pattern_bytes(0x40 + cpu % 0x40, length):
+            if os.pread(fd, length, cpu * length) != pattern_bytes(0x40 + cpu % 0x40, length):
                 problems.append(f"CPU {cpu}: its data did not read back")
+
+    s.on_target(os.O_RDONLY, "route", read_back)
     for line in problems:
         s.log(f"route: {line}")
     if not problems:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...kernel.cpus import Topology
+from ...kernel.fdtable import in_private_table
 from ...options import Settings
 from ...patterns import offset_pattern, pattern_bytes
 from .. import runs, transport
@@ -227,12 +228,22 @@ class Session:
             raise RuntimeError("no export is running (export.start is false?)")
         return self.exporter
 
-    def open(self, flags: int, what: str) -> int | None:
-        """The target opened, or None after logging why open(2) failed for the
-        step `what`: a read-only mount refuses O_RDWR with EROFS before any
-        request reaches the export."""
-        try:
-            return os.open(self.target, flags | os.O_CLOEXEC)
-        except OSError as e:
-            self.log(f"{what}: open failed: {describe(e)}")
-            return None
+    def on_target(self, flags: int, what: str, use: Callable[[int], T]) -> T | None:
+        """use(fd) with the target open, then closed, in an fd table of its
+        own, so that no process another case thread forks meanwhile holds
+        the mount (harness/kernel/fdtable.py).  None after logging why
+        open(2) failed for the step `what`: a read-only mount refuses O_RDWR
+        with EROFS before any request reaches the export."""
+
+        def opened() -> T | None:
+            try:
+                fd = os.open(self.target, flags | os.O_CLOEXEC)
+            except OSError as e:
+                self.log(f"{what}: open failed: {describe(e)}")
+                return None
+            try:
+                return use(fd)
+            finally:
+                os.close(fd)
+
+        return in_private_table(opened)
