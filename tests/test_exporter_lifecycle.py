@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+from harness.iotests.targets import resolve
 from harness.kernel.mount import find_mount, umount
 
 SIZE = 1 << 20
@@ -126,6 +128,26 @@ def test_a_signal_nobody_sent_is_a_crash_that_cleanup_reports(exports, transport
     exp.signal(signal.SIGKILL)
     assert exp.wait_exit() == -signal.SIGKILL
     assert exp.crash() == "" and exp.cleanup() == [f"mount {exp.mountpoint}"]
+
+
+def test_a_native_daemon_crash_is_reported_with_the_backtraces_of_its_core(exports):
+    """QSD (Debian's) killed by a SIGSEGV nobody sent: the report has its
+    stderr and every thread's backtrace from the core, which is then removed."""
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    if pattern != "core":
+        pytest.skip(f"not run: core_pattern is {pattern!r}, not the default 'core'")
+    exp = exports.start(target=resolve("qsd"))
+    os.kill(exp.pid, signal.SIGSEGV)  # as a bad pointer in the daemon would
+    assert exp.wait_exit() == -signal.SIGSEGV
+    report = exp.crash()
+    assert report.startswith(f"the target crashed: pid {exp.pid} was killed by SIGSEGV")
+    stacks = report.split("backtraces from its core:\n")[1].splitlines()
+    assert stacks[0] == "Program terminated with signal SIGSEGV, Segmentation fault.", report
+    assert stacks[1] == "the thread that crashed:" and stacks[2].startswith("#0 "), report
+    assert any(line.startswith("Thread 1 ") for line in stacks), report
+    assert not (exp.workdir / "core").exists()
+    with pytest.raises(RuntimeError, match="the target crashed"):
+        exp.cleanup()
 
 
 def test_fail_and_delay_faults(exports, client, transport):

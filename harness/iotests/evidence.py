@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..kernel.cpus import Topology
@@ -20,22 +21,55 @@ from .observe import rings
 from .waiting import fd_links, is_descendant, kernel_stacks
 
 GDB_BOUND = 30.0  # attach, read the symbols of a debug build, walk every thread
+CRASHED = "the thread that crashed:"
 
 
 def gdb_backtraces(pid: int, bound: float = GDB_BOUND) -> str:
     """`thread apply all bt` of a live process, or one line saying why not."""
+    return _all_threads(["-p", str(pid)], bound)
+
+
+def core_backtraces(core: Path, program: str, bound: float = GDB_BOUND) -> str:
+    """The backtrace of the thread that crashed, then `thread apply all
+    bt`, from a core.  program: the ELF file that ran (its symbols); a
+    launcher script (qsd-11.1's) is not, and gdb then reads the core alone."""
+    with open(program, "rb") as f:
+        elf = f.read(4) == b"\x7fELF"
+    what = [program, str(core)] if elf else ["-c", str(core)]
+    return _all_threads(what, bound, first=["-ex", f"echo {CRASHED}\\n", "-ex", "bt"])
+
+
+def core_file(workdir: Path) -> Path | None:
+    """The core a crashed child left in its cwd, or None: the kernel puts it
+    there only while core_pattern is the default, relative "core"."""
+    try:
+        pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    except OSError:
+        return None
+    core = workdir / pattern
+    return core if "/" not in pattern and "%" not in pattern and core.is_file() else None
+
+
+def _all_threads(what: list[str], bound: float, first: Sequence[str] = ()) -> str:
     gdb = shutil.which("gdb")
     if gdb is None:
         return "(no gdb installed: no user-space backtraces)"
-    argv = [gdb, "-nx", "-batch", "-p", str(pid), "-ex", "set pagination off",
-            "-ex", "thread apply all bt"]  # fmt: skip
+    argv = [gdb, "-nx", "-batch", "-ex", "set pagination off", *first,
+            "-ex", "thread apply all bt", *what]  # fmt: skip
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=bound)
     except subprocess.TimeoutExpired:
         return f"(gdb did not finish within {bound:.0f} s)"
     # Only the thread headers and frames: gdb's chatter (symbol loading,
     # "[New LWP ...]") says nothing about the hang.
-    keep = [ln for ln in res.stdout.splitlines() if ln.startswith(("Thread ", "#"))]
+    keep = [
+        ln
+        for ln in res.stdout.splitlines()
+        if ln.startswith(("Thread ", "#", "Program terminated", CRASHED))
+    ]
+    if CRASHED in keep:  # before it, the frame gdb printed when it read the core
+        i = keep.index(CRASHED)
+        keep = [ln for ln in keep[:i] if not ln.startswith("#")] + keep[i:]
     return "\n".join(keep) if keep else f"(gdb: {(res.stderr.strip().splitlines() or ['?'])[-1]})"
 
 

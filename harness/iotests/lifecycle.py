@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ..kernel.mount import find_mount, umount_or_detach
 from ..options import FSTYPE, Settings
-from . import runs
+from . import evidence, runs
 from .cleanup import Outcome, run_all
 from .evidence import hang_report
 from .runs import RUN
@@ -115,12 +115,19 @@ class ExporterProcess:
         with open(self.stderr_path, "wb") as err:
             return runs.spawn(
                 self.command(),
-                cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
                 env=child_env(),
+                **self.cores(),
             )
+
+    def cores(self) -> dict[str, Any]:
+        """spawn()'s arguments for a native daemon: a crash leaves its core
+        in the workdir, for crash() to read the backtraces from."""
+        if self.backtraces:
+            return {"cwd": self.workdir, "core_dump": True}
+        return {"cwd": REPO}
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Spawn and wait for the pidfile; ExportFailed if it exits first."""
@@ -281,7 +288,14 @@ class ExporterProcess:
             return ""
         name = signal.Signals(-code).name
         tail = "\n".join(self.stderr().splitlines()[-20:])
-        return f"the target crashed: pid {self.pid} was killed by {name}\n{tail}".rstrip()
+        found = f"the target crashed: pid {self.pid} was killed by {name}\n{tail}".rstrip()
+        core = evidence.core_file(self.workdir) if self.backtraces else None
+        if core is None:
+            return found
+        # The backtraces are the evidence; the core is too big to keep.
+        stacks = evidence.core_backtraces(core, self.command()[0])
+        core.unlink()
+        return f"{found}\nbacktraces from its core:\n{stacks}"
 
     def wait_exit(self, timeout: float | None = None) -> int:
         code = wait_until(

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -220,12 +221,19 @@ def _make_cgroup(name: str) -> str | None:
     return str(path)
 
 
-def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
-    """Popen a child of this run: adopted, and dying with its parent thread."""
+def spawn(argv: list[str], core_dump: bool = False, **kw: Any) -> subprocess.Popen[Any]:
+    """Popen a child of this run: adopted, and dying with its parent thread.
+    core_dump: a crash leaves a core where the kernel's core_pattern says
+    (its cwd, on a machine that keeps the default "core")."""
     parent = os.getpid()
-    proc: subprocess.Popen[Any] = subprocess.Popen(
-        argv, preexec_fn=lambda: die_with_parent(parent=parent), **kw
-    )
+
+    def child() -> None:
+        die_with_parent(parent=parent)
+        if core_dump:
+            hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+            resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+
+    proc: subprocess.Popen[Any] = subprocess.Popen(argv, preexec_fn=child, **kw)
     RUN.adopt(proc.pid)
     return proc
 

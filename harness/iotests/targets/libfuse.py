@@ -19,7 +19,7 @@ from pathlib import Path
 from ...options import Settings
 from .. import runs
 from ..libfuse.build import default_prefix, server_path
-from ..lifecycle import REPO, ExporterProcess, child_env
+from ..lifecycle import ExporterProcess, child_env
 from . import NativeExporter, Target, TargetError
 
 NAMES = ("libfuse",)
@@ -52,8 +52,9 @@ class LibfuseExporter(NativeExporter):
         env = {k: v for k, v in child_env().items() if k not in LIBFUSE_ENV}
         with open(self.stderr_path, "wb") as err:
             return runs.spawn(
-                self.command(), cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env
-            )
+                self.command(), stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                **self.cores(),
+            )  # fmt: skip
 
     def connect_qmp(self) -> None:
         """No monitor: steps that need one are not run (capability qmp)."""
