@@ -53,6 +53,7 @@ from .vm.run import VmCpus
 
 DEFAULT_EXCLUDED_GROUPS = ("slow",)
 INTERRUPT_JOIN = 30.0
+SIGNAL_POLL = 0.5  # seconds between checks for a signal while instances run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -429,7 +430,10 @@ def _run_all(
         threading.Thread(target=worker, args=(ev,), daemon=True).start()
     try:
         for ev in finished:
-            ev.wait()
+            # Polled: a Ctrl-C the kernel hands to a thread asleep in FUSE
+            # reaches this thread only when it wakes (and then at once).
+            while not ev.wait(SIGNAL_POLL):
+                pass
     except KeyboardInterrupt:
         ignore_signals()
         stop.set()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kernel import cpus
+from ..kernel.fdtable import helper_of
 from ..kernel.mount import mount_table
 from ..kernel.params import (
     ENABLE_URING,
@@ -394,13 +395,20 @@ def stop_case(ctx: CaseContext, finished: threading.Event | None, reason: str) -
 def _thread_report(t: threading.Thread) -> str:
     frame = sys._current_frames().get(t.ident or 0)
     py = "".join(traceback.format_stack(frame)[-4:]) if frame else ""
-    stack = ""
-    if t.native_id is not None:
-        try:
-            stack = Path(f"/proc/self/task/{t.native_id}/stack").read_text()
-        except OSError as e:
-            stack = f"<{e.strerror}>"
-    return f"case thread, Python stack:\n{py}case thread, kernel stack:\n{stack}".rstrip()
+    report = f"case thread, Python stack:\n{py}case thread, kernel stack:\n{_kernel_stack(t)}"
+    io = helper_of(t)  # a step's I/O on the target runs there (fdtable.py)
+    if io is not None:
+        report += f"\nits target I/O thread, kernel stack:\n{_kernel_stack(io)}"
+    return report.rstrip()
+
+
+def _kernel_stack(t: threading.Thread) -> str:
+    if t.native_id is None:
+        return ""
+    try:
+        return Path(f"/proc/self/task/{t.native_id}/stack").read_text()
+    except OSError as e:
+        return f"<{e.strerror}>"
 
 
 def _exporter_stderr(workdir: Path) -> str:

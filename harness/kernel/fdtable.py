@@ -27,6 +27,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
 
 
+# The thread each caller waits for, by the caller's ident: a report on a
+# stuck case thread shows where its I/O really sleeps.
+_helpers: dict[int, threading.Thread] = {}
+
+
+def helper_of(owner: threading.Thread) -> threading.Thread | None:
+    """The thread doing owner's private-table work right now, if any."""
+    return _helpers.get(owner.ident or 0)
+
+
 def in_private_table(fn: Callable[[], T]) -> T:
     """fn() run in a new thread with a private copy of this thread's fd
     table; its result or exception.  Its fds must not outlive it: a thread's
@@ -46,10 +56,14 @@ def in_private_table(fn: Callable[[], T]) -> T:
 
     # A daemon as the case thread is: I/O on a hung target must not keep the
     # interpreter from exiting and running the cleanup that ends the target.
-    name = f"{threading.current_thread().name} (private fds)"
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    t.join()
+    owner = threading.current_thread()
+    t = threading.Thread(target=run, name=f"{owner.name} (private fds)", daemon=True)
+    _helpers[owner.ident or 0] = t
+    try:
+        t.start()
+        t.join()
+    finally:
+        _helpers.pop(owner.ident or 0, None)
     if error:
         raise error[0]
     return result[0]
