@@ -22,6 +22,7 @@ from .waiting import fd_links, is_descendant, kernel_stacks
 
 GDB_BOUND = 30.0  # attach, read the symbols of a debug build, walk every thread
 CRASHED = "the thread that crashed:"
+FRAMES = 48  # per thread
 
 
 def gdb_backtraces(pid: int, bound: float = GDB_BOUND) -> str:
@@ -54,7 +55,10 @@ def _all_threads(what: list[str], bound: float, first: Sequence[str] = ()) -> st
     gdb = shutil.which("gdb")
     if gdb is None:
         return "(no gdb installed: no user-space backtraces)"
-    argv = [gdb, "-nx", "-batch", "-ex", "set pagination off", *first,
+    # Bounded: a crash by runaway recursion has thousands of frames, and its
+    # innermost ones show the loop.
+    argv = [gdb, "-nx", "-batch", "-ex", "set pagination off",
+            "-ex", f"set backtrace limit {FRAMES}", *first,
             "-ex", "thread apply all bt", *what]  # fmt: skip
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=bound)
@@ -65,7 +69,7 @@ def _all_threads(what: list[str], bound: float, first: Sequence[str] = ()) -> st
     keep = [
         ln
         for ln in res.stdout.splitlines()
-        if ln.startswith(("Thread ", "#", "Program terminated", CRASHED))
+        if ln.startswith(("Thread ", "#", "(More stack frames", "Program terminated", CRASHED))
     ]
     if CRASHED in keep:  # before it, the frame gdb printed when it read the core
         i = keep.index(CRASHED)
